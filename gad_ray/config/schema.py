@@ -1,0 +1,354 @@
+"""The whole gad-ray config as one pydantic schema, validated before any actor starts.
+
+The Hydra tree in ``conf/`` mirrors these classes: every group (``model``, ``algorithm``,
+``rollout``, ``learner``, ``teacher``, ``cluster``) fills one field of :class:`Config`.
+Unknown keys, wrong types and impossible combinations raise :class:`ConfigError`, whose
+message names each offending key and value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key(s) and value(s)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+class ModelSpec(_Strict):
+    """One causal LM: a local directory, a hub name, or ``tiny:<size>[-<arch>]`` (built locally)."""
+
+    path: str
+    tokenizer: str | None = None  # defaults to ``path``
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    max_context: int | None = Field(None, gt=0)  # overrides the model's max_position_embeddings
+
+
+class DiscriminatorSpec(ModelSpec):
+    """The discriminator backbone; ``path: student`` initialises it from the student checkpoint."""
+
+    path: str = "student"
+
+
+class ModelConfig(_Strict):
+    student: ModelSpec
+    discriminator: DiscriminatorSpec = DiscriminatorSpec()
+
+
+# ---------------------------------------------------------------------------------------------
+# algorithm
+
+
+class OptimConfig(_Strict):
+    """AdamW with a constant or warmup+cosine schedule."""
+
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class GRPOConfig(_Strict):
+    """Sampling, advantages and the PPO-clip objective of SPEC §2."""
+
+    n_samples: int = Field(8, ge=1)
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    norm_adv_by_std: bool = True
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)
+    dual_clip: float | None = Field(None, gt=1)
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
+        "token-mean"
+    )
+    kl_coef: float = Field(0.001, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3", "low_var_kl"] = "low_var_kl"
+    entropy_coef: float = 0.0
+
+
+class WarmupConfig(_Strict):
+    """Warmup stage: G does SFT on teacher responses, D does BT against G's samples."""
+
+    generator: bool = True
+    discriminator: bool = True
+    epochs: float = Field(1.0, ge=0)
+    max_steps: int | None = Field(None, ge=0)
+
+
+class GADStageConfig(_Strict):
+    steps: int = Field(1600, ge=0)
+    critic_warmup: int = Field(0, ge=0)  # first k GAD steps update D only
+    d_steps_per_g_step: int = Field(1, ge=1)
+
+
+class ProxyKDConfig(_Strict):
+    """Proxy-KD (SPEC §3): proxy SFT, iterative DPO, then student distillation."""
+
+    proxy: ModelSpec | None = None
+    sft_fraction: float = Field(0.1, gt=0, lt=1)
+    dpo_fraction: float = Field(0.2, gt=0, lt=1)
+    dpo_iterations: int = Field(2, ge=1)
+    dpo_beta: float = Field(0.1, gt=0)
+    dpo_temperature: float = Field(1.0, gt=0)
+    dpo_top_p: float = Field(0.8, gt=0, le=1)
+    alpha: float = Field(1.0, ge=0)
+    top_k: int = Field(10, ge=1)
+    weight_temperature: float = Field(0.4, gt=0)
+    proxy_optim: OptimConfig = OptimConfig(lr=1e-6)
+
+
+class AlgorithmConfig(_Strict):
+    name: Literal["gad", "seqkd", "gad_frozen_d", "proxy_kd"]
+    warmup: WarmupConfig = WarmupConfig()
+    gad: GADStageConfig = GADStageConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    generator_optim: OptimConfig = OptimConfig(lr=1e-6, grad_clip=0.2)
+    discriminator_optim: OptimConfig = OptimConfig(lr=1e-6, grad_clip=0.2)
+    proxy_kd: ProxyKDConfig = ProxyKDConfig()
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.name in ("gad", "gad_frozen_d")
+
+    @property
+    def freeze_discriminator(self) -> bool:
+        """The off-policy ablation: D trained in warmup, frozen during the GAD stage."""
+        return self.name == "gad_frozen_d"
+
+
+# ---------------------------------------------------------------------------------------------
+# data, rollout, learner, teacher, cluster, trainer
+
+
+class DataConfig(_Strict):
+    """Prompt (+ teacher response) datasets and their tokenization."""
+
+    train_path: str
+    eval_path: str | None = None
+    format: Literal["auto", "jsonl", "parquet", "hf_disk", "hub"] = "auto"
+    split: str = "train"
+    prompt_key: str = "content"  # a string or a list of {role, content} messages
+    response_key: str = "teacher_response"
+    system_prompt: str | None = None
+    max_prompt_length: int = Field(2048, gt=0)
+    max_response_length: int = Field(1536, gt=0)
+    prompt_truncation: Literal["drop", "left", "right", "error"] = "drop"
+    on_bad_row: Literal["error", "skip"] = "error"
+    prompts_per_step: int = Field(256, gt=0)
+    shuffle: bool = True
+    limit: int | None = Field(None, gt=0)
+
+
+class RolloutConfig(_Strict):
+    backend: Literal["vllm", "hf"] = "vllm"
+    num_workers: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0)  # set by the cluster preset; tp size on GPU
+    gpu_memory_utilization: float = Field(0.7, gt=0, le=1)
+    kv_cache_memory_bytes: int | None = Field(None, gt=0)  # CPU: bound vLLM's KV cache
+    max_num_seqs: int = Field(256, ge=1)
+    enforce_eager: bool = False
+    weight_sync: Literal["auto", "object_store", "nccl"] = "auto"
+    bucket_bytes: int = Field(256 * 2**20, gt=0)
+    sleep_when_idle: bool = False  # colocated placement: vLLM sleeps while learners train
+
+
+class LearnerConfig(_Strict):
+    backend: Literal["fsdp", "deepspeed"] = "fsdp"
+    zero_stage: Literal[2, 3] = 3
+    generator_ranks: int = Field(1, ge=1)
+    discriminator_ranks: int = Field(1, ge=1)
+    micro_batch_size: int = Field(4, ge=1)  # sequences per micro batch per rank
+    max_tokens_per_micro_batch: int | None = Field(None, gt=0)  # dynamic batching budget
+    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    param_offload: bool = False
+    optimizer_offload: bool = False
+    reference_offload: bool = False
+
+
+class TeacherBudget(_Strict):
+    max_requests: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+    max_dollars: float | None = Field(None, gt=0)
+
+
+class TeacherAPIConfig(_Strict):
+    """An OpenAI-compatible endpoint. The key is read from the env var named here, never stored."""
+
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    system_prompt: str | None = None
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(1536, gt=0)
+    concurrency: int = Field(16, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    max_retries: int = Field(8, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+    backoff_base_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0)
+    cache_path: str = "teacher_cache.sqlite"
+    price_per_1k_prompt_tokens: float = Field(0.0, ge=0)
+    price_per_1k_completion_tokens: float = Field(0.0, ge=0)
+    budget: TeacherBudget = TeacherBudget()
+
+
+class TeacherConfig(_Strict):
+    source: Literal["dataset", "api"] = "dataset"
+    api: TeacherAPIConfig = TeacherAPIConfig()
+    prefetch_batches: int = Field(2, ge=0)
+
+
+class ClusterConfig(_Strict):
+    address: str | None = None  # None: start a local Ray; "auto": join the running cluster
+    num_nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_node: int = Field(2, ge=1)
+    placement: Literal["colocated", "disaggregated"] = "disaggregated"
+
+
+class WandbConfig(_Strict):
+    project: str | None = None  # W&B logging on when set
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"
+
+
+class TrainerConfig(_Strict):
+    run_dir: str = "outputs/run"
+    resume: str = "auto"  # auto | never | a checkpoint directory
+    save_every: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    tensorboard: bool = True
+    wandb: WandbConfig = WandbConfig()
+
+
+class Config(_Strict):
+    """The composed, validated configuration of one run."""
+
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig
+    algorithm: AlgorithmConfig
+    data: DataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Config:
+        problems = list(_combination_problems(self))
+        if problems:
+            raise ValueError("\n  - ".join(problems))
+        return self
+
+
+def _combination_problems(cfg: Config):
+    alg, data, lrn = cfg.algorithm, cfg.data, cfg.learner
+    n = alg.grpo.n_samples
+    if alg.uses_discriminator and n < 2:
+        yield (
+            f"algorithm.grpo.n_samples={n}: GRPO needs at least 2 samples per prompt "
+            f"for algorithm.name={alg.name}"
+        )
+    if lrn.max_tokens_per_micro_batch is None:
+        batches = {"data.prompts_per_step": (data.prompts_per_step, lrn.generator_ranks, "generator")}
+        if alg.uses_discriminator:
+            batches["data.prompts_per_step * algorithm.grpo.n_samples"] = (
+                data.prompts_per_step * n,
+                lrn.generator_ranks,
+                "generator",
+            )
+            batches["data.prompts_per_step (discriminator)"] = (
+                data.prompts_per_step,
+                lrn.discriminator_ranks,
+                "discriminator",
+            )
+        for key, (size, ranks, who) in batches.items():
+            unit = ranks * lrn.micro_batch_size
+            if size % unit:
+                yield (
+                    f"{key}={size} is not divisible by learner.{who}_ranks x "
+                    f"learner.micro_batch_size = {ranks} x {lrn.micro_batch_size} = {unit}"
+                )
+    if lrn.max_tokens_per_micro_batch is not None:
+        need = data.max_prompt_length + data.max_response_length
+        if lrn.max_tokens_per_micro_batch < need:
+            yield (
+                f"learner.max_tokens_per_micro_batch={lrn.max_tokens_per_micro_batch} is smaller "
+                f"than one sequence (data.max_prompt_length + data.max_response_length = {need})"
+            )
+    if cfg.teacher.source == "api":
+        for key in ("base_url", "model"):
+            if not getattr(cfg.teacher.api, key):
+                yield f"teacher.api.{key} is required when teacher.source=api"
+    if alg.name == "proxy_kd" and alg.proxy_kd.proxy is None:
+        yield "algorithm.proxy_kd.proxy is required when algorithm.name=proxy_kd"
+    if alg.proxy_kd.sft_fraction + alg.proxy_kd.dpo_fraction >= 1:
+        yield (
+            f"algorithm.proxy_kd.sft_fraction + dpo_fraction = "
+            f"{alg.proxy_kd.sft_fraction + alg.proxy_kd.dpo_fraction} leaves no data for the student"
+        )
+    if cfg.cluster.gpus_per_node == 0 and cfg.rollout.weight_sync == "nccl":
+        yield "rollout.weight_sync=nccl needs GPUs (cluster.gpus_per_node=0)"
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}' (value: {e['input']!r})")
+        elif e["type"] == "value_error" and not key:
+            lines.append(str(e["ctx"]["error"]) if "ctx" in e else e["msg"])
+        else:
+            lines.append(f"config key '{key}': {e['msg']} (value: {e['input']!r})")
+    return "invalid config:\n  - " + "\n  - ".join(lines)
+
+
+def validate_config(raw: dict[str, Any], check_model_context: bool = True) -> Config:
+    """Validate a composed config (a plain dict); raise :class:`ConfigError` naming keys and values.
+
+    With ``check_model_context`` the student's context length is read from its config
+    (a local directory or ``tiny:`` spec) and checked against prompt + response length.
+    """
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+    if check_model_context:
+        _check_context(cfg)
+    return cfg
+
+
+def _check_context(cfg: Config) -> None:
+    from gad_ray.models.loading import model_max_context
+
+    spec = cfg.model.student
+    ctx = spec.max_context or model_max_context(spec.path)
+    need = cfg.data.max_prompt_length + cfg.data.max_response_length
+    if ctx is not None and need > ctx:
+        raise ConfigError(
+            f"invalid config:\n  - data.max_prompt_length + data.max_response_length = "
+            f"{cfg.data.max_prompt_length} + {cfg.data.max_response_length} = {need} exceeds the "
+            f"context of model.student.path={spec.path!r} ({ctx} tokens)"
+        )
