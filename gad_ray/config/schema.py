@@ -30,7 +30,9 @@ class ModelSpec(_Strict):
 
     path: str
     tokenizer: str | None = None  # defaults to ``path``
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
+        "auto"  # auto: bf16 on GPU, fp32 on CPU
+    )
     gradient_checkpointing: bool = False
     max_context: int | None = Field(None, gt=0)  # overrides the model's max_position_embeddings
 
@@ -271,7 +273,9 @@ def _combination_problems(cfg: Config):
             f"for algorithm.name={alg.name}"
         )
     if lrn.max_tokens_per_micro_batch is None:
-        batches = {"data.prompts_per_step": (data.prompts_per_step, lrn.generator_ranks, "generator")}
+        batches = {
+            "data.prompts_per_step": (data.prompts_per_step, lrn.generator_ranks, "generator")
+        }
         if alg.uses_discriminator:
             batches["data.prompts_per_step * algorithm.grpo.n_samples"] = (
                 data.prompts_per_step * n,
