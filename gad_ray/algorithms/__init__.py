@@ -1,0 +1,44 @@
+"""GAD's losses and advantages as pure tensor functions (SPEC §2-§3); depends only on torch."""
+
+from .advantages import broadcast_to_tokens, grpo_advantages
+from .losses import (
+    bt_loss,
+    dpo_loss,
+    proxy_kd_loss,
+    proxy_sample_weights,
+    seq_mean_logp,
+    sft_loss_mat,
+    topk_kl,
+)
+from .policy import (
+    AGG_MODES,
+    AggMode,
+    KLKind,
+    aggregate_loss,
+    entropy_from_logits,
+    kl_penalty,
+    loss_denominator,
+    ppo_clip_loss,
+    token_logprobs,
+)
+
+__all__ = [
+    "AGG_MODES",
+    "AggMode",
+    "KLKind",
+    "aggregate_loss",
+    "broadcast_to_tokens",
+    "bt_loss",
+    "dpo_loss",
+    "entropy_from_logits",
+    "grpo_advantages",
+    "kl_penalty",
+    "loss_denominator",
+    "ppo_clip_loss",
+    "proxy_kd_loss",
+    "proxy_sample_weights",
+    "seq_mean_logp",
+    "sft_loss_mat",
+    "token_logprobs",
+    "topk_kl",
+]

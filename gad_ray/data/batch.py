@@ -1,0 +1,166 @@
+"""Padded prompt+response batches, balanced partitions and micro-batch splitting.
+
+Layout: row ``i`` of a :class:`TokenBatch` is ``prompt_i + response_i`` followed by right padding.
+Per-token quantities elsewhere (logprobs, advantages, ...) are ``[B, T]`` tensors aligned with
+``input_ids``: the value at position ``t`` concerns token ``t``, zero off the response.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class TokenBatch:
+    """``input_ids`` / ``attention_mask`` ``[B, T]`` long, ``response_mask`` ``[B, T]`` float32
+    (1.0 exactly on response tokens), ``prompt_lens`` / ``response_lens`` ``[B]`` long."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_lens: torch.Tensor
+    response_lens: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def select(self, indices: list[int]) -> TokenBatch:
+        """Rows ``indices`` (in that order), trailing all-padding columns trimmed."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.input_ids.device)
+        lens = self.prompt_lens[idx] + self.response_lens[idx]
+        t = int(lens.max()) if len(indices) else 0
+        return TokenBatch(
+            input_ids=self.input_ids[idx, :t],
+            attention_mask=self.attention_mask[idx, :t],
+            response_mask=self.response_mask[idx, :t],
+            prompt_lens=self.prompt_lens[idx],
+            response_lens=self.response_lens[idx],
+        )
+
+    def num_tokens(self) -> int:
+        """Non-padding tokens in the batch."""
+        return int(self.attention_mask.sum())
+
+    def seq_lens(self) -> list[int]:
+        """Prompt + response length of each row (the weights for :func:`split_for_ranks`)."""
+        return (self.prompt_lens + self.response_lens).tolist()
+
+    def response_tokens(self, i: int) -> list[int]:
+        p, r = int(self.prompt_lens[i]), int(self.response_lens[i])
+        return self.input_ids[i, p : p + r].tolist()
+
+
+def make_batch(
+    prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int
+) -> TokenBatch:
+    """Right-padded ``prompt + response`` rows; empty responses are allowed here."""
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    b = len(prompt_ids)
+    p_lens = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
+    r_lens = torch.tensor([len(r) for r in response_ids], dtype=torch.long)
+    t = int((p_lens + r_lens).max()) if b else 0
+    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, t), dtype=torch.long)
+    response_mask = torch.zeros((b, t), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        n = len(p) + len(r)
+        input_ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        response_mask[i, len(p) : n] = 1.0
+    return TokenBatch(input_ids, attention_mask, response_mask, p_lens, r_lens)
+
+
+def balanced_partition(weights: list[int], k: int, equal_size: bool = False) -> list[list[int]]:
+    """Split ``range(len(weights))`` into ``k`` groups of near-equal weight sums.
+
+    Greedy longest-processing-time: indices by decreasing weight (ties by index) go to the group
+    with the lowest sum (ties: fewer items, then lower group number). Without ``equal_size`` group
+    sizes are unconstrained (the largest sum exceeds the mean by at most the largest weight); with
+    it, sizes differ by at most one (the first ``len % k`` groups get the extra item). Groups may
+    be empty when ``len(weights) < k``. Each group's indices are sorted. Deterministic.
+    """
+    if k < 1:
+        raise ValueError(f"cannot partition into k={k} groups")
+    n = len(weights)
+    caps = [n // k + (g < n % k) if equal_size else n for g in range(k)]
+    groups: list[list[int]] = [[] for _ in range(k)]
+    heap = [(0, 0, g) for g in range(k)]  # (sum, size, group)
+    for i in sorted(range(n), key=lambda i: (-weights[i], i)):
+        full = []
+        while True:
+            total, size, g = heapq.heappop(heap)
+            if size < caps[g]:
+                break
+            full.append((total, size, g))
+        groups[g].append(i)
+        heapq.heappush(heap, (total + weights[i], size + 1, g))
+        for item in full:
+            heapq.heappush(heap, item)
+    return [sorted(g) for g in groups]
+
+
+def micro_batches(
+    lengths: list[int], micro_batch_size: int | None, max_tokens: int | None
+) -> list[list[int]]:
+    """Split ``range(len(lengths))`` into micro-batches balanced by token count.
+
+    With ``max_tokens`` (takes precedence): the fewest micro-batches (found by trying
+    ``ceil(sum / max_tokens)``, then one more, ...) whose sums all fit the budget; a sequence
+    longer than the budget gets a micro-batch of its own. Otherwise ``ceil(n /
+    micro_batch_size)`` micro-batches of at most ``micro_batch_size`` sequences (sizes differ by
+    at most one). Micro-batches are ordered by first index; deterministic; none is empty.
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    if max_tokens is None:
+        if micro_batch_size is None or micro_batch_size < 1:
+            raise ValueError(
+                f"need micro_batch_size >= 1 or max_tokens, got micro_batch_size="
+                f"{micro_batch_size} max_tokens={max_tokens}"
+            )
+        return sorted(balanced_partition(lengths, math.ceil(n / micro_batch_size), equal_size=True))
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    alone = [[i] for i in range(n) if lengths[i] > max_tokens]
+    rest = [i for i in range(n) if lengths[i] <= max_tokens]
+    groups: list[list[int]] = []
+    if rest:
+        weights = [lengths[i] for i in rest]
+        k = max(1, math.ceil(sum(weights) / max_tokens))
+        while True:  # ends at k = len(rest) at the latest: one sequence per group fits
+            groups = balanced_partition(weights, k)
+            if all(sum(weights[j] for j in g) <= max_tokens for g in groups):
+                break
+            k += 1
+        groups = [[rest[j] for j in g] for g in groups if g]
+    return sorted(alone + groups)
+
+
+def split_for_ranks(
+    lengths: list[int], num_ranks: int, micro_batch_size: int | None, max_tokens: int | None
+) -> list[list[list[int]]]:
+    """Per rank, its micro-batches (indices into the global batch).
+
+    Sequences are first spread over ranks with :func:`balanced_partition` (equal counts when
+    splitting by ``micro_batch_size``, balanced tokens when by ``max_tokens``), then each rank's
+    share is split with :func:`micro_batches`. Every rank gets the SAME number of micro-batches,
+    as FSDP/ZeRO collectives require: ranks with fewer are padded at the end with EMPTY
+    micro-batches (``[]``), for which the learner must still run a forward/backward that
+    contributes zero loss (e.g. on a dummy sequence) so the collectives line up.
+    """
+    per_rank = balanced_partition(lengths, num_ranks, equal_size=max_tokens is None)
+    out = []
+    for idx in per_rank:
+        mbs = micro_batches([lengths[i] for i in idx], micro_batch_size, max_tokens)
+        out.append([[idx[j] for j in mb] for mb in mbs])
+    m = max(len(r) for r in out)
+    return [r + [[] for _ in range(m - len(r))] for r in out]

@@ -1,0 +1,1 @@
+"""Synthetic black-box teacher: rule-based tasks and an OpenAI-compatible server."""

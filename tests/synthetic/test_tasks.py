@@ -1,0 +1,185 @@
+import json
+import random
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gad_ray.synthetic.tasks import (
+    FRUITS,
+    TASKS,
+    Verdict,
+    answer_distribution,
+    check,
+    main,
+    make_dataset,
+    make_prompt,
+    most_probable_answer,
+    score_responses,
+    teacher_answer,
+    write_dataset,
+)
+
+DETERMINISTIC = {
+    "Copy the words: cat dog sun": "cat dog sun",
+    "Uppercase the words: cat dog sun": "CAT DOG SUN",
+    "Reverse the words: cat dog sun": "sun dog cat",
+    "Sort the numbers: 12 5 40 7": "5 7 12 40",
+    "Add the numbers: 3 5 9": "17",
+}
+
+
+@pytest.mark.parametrize(("prompt", "answer"), DETERMINISTIC.items())
+def test_deterministic_teacher_answers(prompt: str, answer: str) -> None:
+    rng = random.Random(0)
+    assert {teacher_answer(prompt, rng) for _ in range(20)} == {answer}
+    assert teacher_answer(prompt, None) == answer
+    assert check(prompt, answer) == Verdict(
+        task=answer_distribution(prompt)[0], correct=True, most_probable=True, valid=True
+    )
+
+
+@pytest.mark.parametrize(("prompt", "answer"), DETERMINISTIC.items())
+def test_check_rejects_wrong_and_trailing_junk(prompt: str, answer: str) -> None:
+    assert check(prompt, f"  {answer}\n").correct
+    for wrong in (f"{answer} extra", f"{answer}.", "", "42 cat", answer[::-1] + "x"):
+        verdict = check(prompt, wrong)
+        assert not verdict.correct and not verdict.valid and not verdict.most_probable
+
+
+def test_multimodal_minor_answers_are_valid_but_not_most_probable() -> None:
+    prompt = "Name a fruit that is red."
+    assert most_probable_answer(prompt) == "apple"
+    assert check(prompt, "apple") == Verdict("fruit", True, True, True)
+    assert check(prompt, " cherry ") == Verdict("fruit", True, False, True)
+    assert check(prompt, "strawberry") == Verdict("fruit", True, False, True)
+    assert check(prompt, "banana") == Verdict("fruit", False, False, False)
+    assert check(prompt, "apple pie") == Verdict("fruit", False, False, False)
+    assert check("Give a synonym of big.", "huge") == Verdict("synonym", True, False, True)
+
+
+def test_multimodal_sampling_follows_probabilities_and_temperature() -> None:
+    prompt = "Name a fruit that is red."
+    rng = random.Random(1)
+    counts = Counter(teacher_answer(prompt, rng) for _ in range(3000))
+    assert set(counts) == set(FRUITS["red"])
+    for answer, p in FRUITS["red"].items():
+        assert abs(counts[answer] / 3000 - p) < 0.04
+    assert {teacher_answer(prompt, rng, temperature=0) for _ in range(50)} == {"apple"}
+    assert {teacher_answer(prompt, None, temperature=1.5) for _ in range(50)} == {"apple"}
+    cold = Counter(teacher_answer(prompt, rng, temperature=0.3) for _ in range(1000))
+    assert cold["apple"] / 1000 > 0.85
+
+
+def test_unrecognised_and_malformed_prompts_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="no synthetic task recognises the prompt 'Hello there'"):
+        teacher_answer("Hello there")
+    with pytest.raises(ValueError, match="sort prompt must list non-negative integers"):
+        teacher_answer("Sort the numbers: 3 x 5")
+    with pytest.raises(ValueError, match="fruit prompt asks about 'blue'"):
+        check("Name a fruit that is blue.", "apple")
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        teacher_answer("Copy the words: a", random.Random(0), temperature=-1)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        make_prompt("nope", random.Random(0), 3)
+    with pytest.raises(ValueError, match="length must be >= 1"):
+        make_prompt("copy", random.Random(0), 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    task=st.sampled_from(sorted(TASKS)),
+    length=st.integers(1, 12),
+    seed=st.integers(0, 2**32),
+)
+def test_generated_prompts_are_recognised_and_answerable(task: str, length: int, seed: int) -> None:
+    rng = random.Random(seed)
+    prompt = make_prompt(task, rng, length)
+    assert answer_distribution(prompt)[0] == task
+    greedy = teacher_answer(prompt, None)
+    assert check(prompt, greedy).most_probable
+    assert check(prompt, teacher_answer(prompt, rng)).valid
+    if not TASKS[task].multimodal:
+        assert len(prompt.split()) == len(TASKS[task].prefix.split()) + length
+        assert 1 <= len(greedy.split()) <= length
+
+
+def test_make_dataset_is_deterministic_and_in_paper_schema() -> None:
+    rows = make_dataset(50, seed=3)
+    assert rows == make_dataset(50, seed=3)
+    assert rows != make_dataset(50, seed=4)
+    assert len({r["id"] for r in rows}) == 50
+    assert {r["task"] for r in rows} == set(TASKS)
+    for r in rows:
+        assert set(r) == {"id", "task", "content", "teacher_response"}
+        [message] = r["content"]
+        assert message["role"] == "user"
+        verdict = check(message["content"], r["teacher_response"])
+        assert verdict.task == r["task"] and verdict.valid
+    bare = make_dataset(50, seed=3, with_teacher=False)
+    assert [r["content"] for r in bare] == [r["content"] for r in rows]
+    assert all("teacher_response" not in r for r in bare)
+
+
+def test_make_dataset_out_of_domain_lengths_give_longer_prompts() -> None:
+    tasks = ["reverse", "sort", "add"]
+    train = make_dataset(100, seed=0, tasks=tasks, min_len=2, max_len=5)
+    held = make_dataset(100, seed=1, tasks=tasks, min_len=8, max_len=10)
+    assert {r["task"] for r in train} == set(tasks)
+    train_max = max(len(r["content"][0]["content"].split()) for r in train)
+    held_min = min(len(r["content"][0]["content"].split()) for r in held)
+    assert held_min > train_max
+    with pytest.raises(ValueError, match="need 1 <= min_len <= max_len"):
+        make_dataset(3, seed=0, min_len=6, max_len=5)
+    with pytest.raises(ValueError, match=r"unknown tasks \['mul'\]"):
+        make_dataset(3, seed=0, tasks=["add", "mul"])
+
+
+def test_score_responses_per_task_and_multimodal_shares() -> None:
+    prompts = [
+        "Reverse the words: a b",
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "Add the numbers: 1 2"},
+        ],
+        "Add the numbers: 4 4",
+        "Name a fruit that is red.",
+        "Name a fruit that is red.",
+        "Name a fruit that is red.",
+        "Name a fruit that is red.",
+    ]
+    responses = ["b a", "3", "9", "apple", "cherry", "apple", "kiwi"]
+    score = score_responses(prompts, responses)
+    assert score["overall"] == {"n": 7, "accuracy": 5 / 7}
+    assert score["tasks"]["reverse"] == {"n": 1, "accuracy": 1.0}
+    assert score["tasks"]["add"] == {"n": 2, "accuracy": 0.5}
+    assert score["tasks"]["fruit"] == {
+        "n": 4,
+        "accuracy": 0.75,
+        "most_probable": 0.5,
+        "valid_minor": 0.25,
+        "invalid": 0.25,
+    }
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        score_responses(prompts[:2], responses[:1])
+
+
+def test_write_dataset_jsonl_and_parquet_round_trip(tmp_path) -> None:
+    rows = make_dataset(12, seed=5)
+    jsonl = write_dataset(tmp_path / "sub" / "d.jsonl", rows)
+    assert [json.loads(line) for line in jsonl.read_text().splitlines()] == rows
+    parquet = write_dataset(tmp_path / "d.parquet", rows)
+    assert pq.read_table(parquet).to_pylist() == rows
+
+
+def test_cli_writes_dataset_and_rejects_bad_tasks(tmp_path, capsys) -> None:
+    out = tmp_path / "d.jsonl"
+    main(["--out", str(out), "--n", "7", "--seed", "2", "--tasks", "sort,fruit", "--no-teacher"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == make_dataset(7, seed=2, tasks=["sort", "fruit"], with_teacher=False)
+    assert "wrote 7 rows" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--out", str(out), "--n", "3", "--tasks", "sort,bogus"])
+    assert "unknown tasks ['bogus']" in capsys.readouterr().err
