@@ -1,18 +1,22 @@
-"""``gad-train``: compose and validate the config, then run the driver."""
+"""``gad-train``: compose and validate the config, then run the driver (SPEC §2)."""
 
 from __future__ import annotations
 
-from gad_ray.config import Config
+import sys
+
 from gad_ray.config.hydra_app import hydra_entry
+from gad_ray.driver.train import TrainingAborted, train
 
 
-def train(cfg: Config) -> None:
-    """Run one training job described by ``cfg``."""
-    print(f"gad-train: config for {cfg.name!r} is valid (algorithm={cfg.algorithm.name}).")
-    print("The trainer is not implemented yet; see README.md.")
+def _train(cfg) -> None:
+    try:
+        train(cfg)
+    except TrainingAborted as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
-main = hydra_entry(train)
+main = hydra_entry(_train)
 
 if __name__ == "__main__":
     main()

@@ -13,13 +13,14 @@ from tqdm import tqdm
 from gad_ray.config.schema import TrainerConfig
 
 # Shown in the progress bar, in this order, when present.
-LIVE_KEYS = ("stage", "d_acc", "d_loss", "reward_mean", "kl", "len_ratio", "score", "s_per_step")
+LIVE_KEYS = ("stage", "d_acc", "d_loss", "reward_mean", "g_loss", "g_kl", "len_ratio", "s_per_step")
 # Curves of the final plot: (title, metric keys).
 PLOT_PANELS = (
     ("discriminator", ("d_loss", "d_acc")),
     ("reward", ("reward_mean", "reward_std")),
-    ("scores", ("teacher_score_mean", "student_score_mean")),
-    ("generator", ("sft_loss", "pg_loss", "kl")),
+    ("D scores", ("d_teacher_score_mean", "d_student_score_mean")),
+    ("generator loss", ("g_loss",)),
+    ("KL to reference", ("g_kl",)),
     ("response length", ("response_len_mean", "teacher_len_mean")),
     ("eval", ("eval_accuracy",)),
 )
@@ -28,8 +29,15 @@ PLOT_PANELS = (
 class MetricsLogger:
     """Write one record per step to ``metrics.jsonl`` (append-only, resume-safe) and TensorBoard."""
 
-    def __init__(self, cfg: TrainerConfig, run_dir: Path, total_steps: int, start_step: int,
-                 run_config: Mapping[str, Any] | None = None, live: bool = True):
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int,
+        run_config: Mapping[str, Any] | None = None,
+        live: bool = True,
+    ):
         self.path = run_dir / "metrics.jsonl"
         self.run_dir = run_dir
         self._truncate_after(start_step)
@@ -43,18 +51,32 @@ class MetricsLogger:
         if cfg.wandb.project:
             import wandb  # optional dependency: pip install wandb
 
-            self._wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity,
-                                     mode=cfg.wandb.mode, config=dict(run_config or {}),
-                                     dir=str(run_dir), resume="allow", name=run_dir.name)
-        self._bar = tqdm(total=total_steps, initial=start_step, disable=not live,
-                         dynamic_ncols=True, desc="train")
+            self._wandb = wandb.init(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                mode=cfg.wandb.mode,
+                config=dict(run_config or {}),
+                dir=str(run_dir),
+                resume="allow",
+                name=run_dir.name,
+            )
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            disable=not live,
+            dynamic_ncols=True,
+            desc="train",
+        )
 
     def _truncate_after(self, start_step: int) -> None:
         """Drop records of steps >= ``start_step``: they were logged after the checkpoint we resume."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < start_step]
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] < start_step
+        ]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -70,6 +92,17 @@ class MetricsLogger:
         live = {k: _short(record[k]) for k in LIVE_KEYS if k in record}
         self._bar.set_postfix(live, refresh=False)
         self._bar.update(1)
+
+    def log_event(self, step: int, event: str, values: Mapping[str, Any]) -> None:
+        """A record outside the step sequence (an evaluation), printed too."""
+        record = {"step": step, "event": event, **{k: _plain(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, _plain(v), step)
+        shown = ", ".join(f"{k}={_short(_plain(v))}" for k, v in values.items())
+        self._bar.write(f"[eval {event} @ step {step}] {shown}")
 
     def close(self) -> None:
         self._bar.close()
@@ -105,7 +138,7 @@ def plot_metrics(jsonl: Path, out_png: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     boundary = next((r["step"] for r in records if r.get("stage") == "gad"), None)
     if boundary is not None:

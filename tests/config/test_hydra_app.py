@@ -49,10 +49,10 @@ def test_impossible_combination_fails_before_anything_starts(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["gad-train", "gad-fetch", "gad-eval"])
-def test_every_entry_point_validates(tmp_path, script):
-    out = _run(script, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "valid" in out.stdout
+def test_every_entry_point_is_a_validating_hydra_app(tmp_path, script):
+    out = _run(script, "data.max_prompt_length=0", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "config key 'data.max_prompt_length'" in out.stderr
 
 
 def test_multirun_sweeps_each_value_in_its_own_run_dir(tmp_path):

@@ -1,0 +1,161 @@
+"""What the driver builds before the loop: Ray, the role groups, the teacher data, the eval set."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from gad_ray.config.schema import Config
+from gad_ray.data.dataset import load_examples
+from gad_ray.data.loader import StepLoader
+from gad_ray.data.tokenize import TokenizedExample, encode_response, tokenize_examples
+from gad_ray.teacher.fetcher import TeacherError
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the configured (or running) Ray cluster, or start a local one sized for the roles."""
+    if ray.is_initialized():
+        return
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address)
+        return
+    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`
+        ray.init()
+        return
+    # Local debug mode: logical CPUs may exceed the cores; each role actor asks for one.
+    roles = cfg.rollout.num_workers + cfg.learner.generator_ranks + cfg.learner.discriminator_ranks
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, roles + 1),
+        include_dashboard=False,
+        num_gpus=cfg.cluster.gpus_per_node or None,
+    )
+
+
+def build_roles(cfg: Config, student_path: str, total_steps: int) -> tuple[Any, Any, Any]:
+    """The rollout group, the generator group and (GAD only) the discriminator group."""
+    from gad_ray.discriminator.learner import DiscriminatorGroup
+    from gad_ray.learner.generator import GeneratorGroup
+    from gad_ray.rollout.group import RolloutGroup
+
+    rollout = RolloutGroup(cfg, student_path)
+    generator = GeneratorGroup(cfg, student_path, total_steps=total_steps)
+    discriminator = None
+    if cfg.algorithm.uses_discriminator:
+        discriminator = DiscriminatorGroup(cfg, student_path=student_path, total_steps=total_steps)
+    return rollout, generator, discriminator
+
+
+class TeacherData:
+    """Batches of prompts with teacher responses, from the dataset file or live from the API.
+
+    With ``teacher.source=api`` the :class:`~gad_ray.teacher.fetcher.TeacherFetcher` actor is
+    asked for the next ``teacher.prefetch_batches`` batches ahead of time, so the loop waits
+    only when the API is slower than training; every response is cached on disk as it lands.
+    """
+
+    def __init__(self, cfg: Config, tokenizer: Any, run_dir: Path):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        live = cfg.teacher.source == "api"
+        examples, _ = load_examples(cfg.data, require_response=not live)
+        tokenized, self.stats = tokenize_examples(examples, tokenizer, cfg.data)
+        self.loader = StepLoader(
+            tokenized, cfg.data.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle
+        )
+        self.steps_per_epoch = self.loader.steps_per_epoch
+        self.fetcher = None
+        self.ahead: deque[tuple[int, dict, list[TokenizedExample]]] = deque()
+        self.next_id = 0
+        if live:
+            from gad_ray.teacher.fetcher import TeacherFetcher
+
+            cache = Path(cfg.teacher.api.cache_path)
+            cache = cache if cache.is_absolute() else run_dir / cache
+            self.fetcher = TeacherFetcher.remote(cfg.teacher.api.model_dump(), str(cache))
+            ray.get(self.fetcher.start.remote())  # no key / unreachable endpoint: fails here
+
+    def batch_for_step(self, step: int) -> list[TokenizedExample]:
+        if self.fetcher is None:
+            return self.loader.next_batch()
+        while len(self.ahead) < 1 + self.cfg.teacher.prefetch_batches:
+            state = self.loader.state_dict()
+            batch = self.loader.next_batch()
+            self.fetcher.submit.remote(self.next_id, [e.messages for e in batch])
+            self.ahead.append((self.next_id, state, batch))
+            self.next_id += 1
+        batch_id, _, batch = self.ahead.popleft()
+        results = ray.get(self.fetcher.get.remote(batch_id))
+        return self._with_responses(batch, results, step)
+
+    def _with_responses(
+        self, batch: list[TokenizedExample], results: list, step: int
+    ) -> list[TokenizedExample]:
+        outage = [r for r in results if r.status != "ok" and not r.permanent]
+        if outage:
+            raise TeacherError(
+                f"teacher API unavailable at step {step}: {len(outage)} of "
+                f"{len(results)} requests gave up ({outage[0].error})"
+            )
+        out = []
+        for ex, r in zip(batch, results, strict=True):
+            if r.status != "ok":  # a permanent refusal: this prompt has no teacher response
+                continue
+            ids, cut = encode_response(self.tokenizer, r.text, self.cfg.data.max_response_length)
+            out.append(
+                dataclasses.replace(ex, response=r.text, response_ids=ids, response_truncated=cut)
+            )
+        if not out:
+            raise TeacherError(
+                f"no teacher response for any prompt of step {step}: {results[0].error}"
+            )
+        return out
+
+    def state_dict(self) -> dict:
+        """The data position of the next batch to train on (prefetched batches not counted)."""
+        return self.ahead[0][1] if self.ahead else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ahead.clear()
+        self.loader.load_state_dict(state)
+
+    def shutdown(self) -> None:
+        if self.fetcher is not None:
+            ray.get(self.fetcher.close.remote())
+            ray.kill(self.fetcher)
+            self.fetcher = None
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """Held-out prompts scored by greedy generation (the synthetic checker when it applies)."""
+
+    examples: list[TokenizedExample]
+    tokenizer: Any
+
+    def evaluate(self, rollout: Any, max_tokens: int) -> dict[str, float]:
+        from gad_ray.synthetic.tasks import score_responses
+
+        samples = rollout.generate(
+            [e.prompt_ids for e in self.examples], 1, 0.0, 1.0, max_tokens, seed=0
+        )
+        texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        lengths = [s.length for s in samples]
+        out = {"eval_len_mean": sum(lengths) / len(lengths)}
+        if all("task" in e.meta for e in self.examples):
+            scores = score_responses([e.messages for e in self.examples], texts)
+            out["eval_accuracy"] = scores["overall"]["accuracy"]
+            for task, s in scores["tasks"].items():
+                out[f"eval_accuracy/{task}"] = s["accuracy"]
+        return out
+
+
+def load_eval_set(cfg: Config, tokenizer: Any) -> EvalSet | None:
+    if not cfg.data.eval_path:
+        return None
+    examples, _ = load_examples(cfg.data, path=cfg.data.eval_path, require_response=False)
+    tokenized, _ = tokenize_examples(examples, tokenizer, cfg.data)
+    return EvalSet(tokenized, tokenizer)

@@ -1,0 +1,40 @@
+import pytest
+import ray
+
+from gad_ray.config.hydra_app import compose
+
+
+def tiny_overrides(run_dir, *extra: str) -> list[str]:
+    """A GAD run small enough for CPU tests: 4 prompts x 2 samples, 2 warmup + 2 GAD steps."""
+    return [
+        "model=tiny",
+        "data.train_path=synthetic:train?n=16&seed=0",
+        "data.eval_path=synthetic:eval?n=8&seed=1",
+        "data.max_prompt_length=64",
+        "data.max_response_length=12",
+        "data.prompts_per_step=4",
+        "algorithm.grpo.n_samples=2",
+        "algorithm.warmup.epochs=0.5",
+        "algorithm.gad.steps=2",
+        "learner.micro_batch_size=2",
+        "rollout.kv_cache_memory_bytes=33554432",
+        "trainer.save_every=2",
+        "trainer.tensorboard=false",
+        f"trainer.run_dir={run_dir}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def make(*extra: str, run_dir=None):
+        return compose(tiny_overrides(run_dir or tmp_path / "run", *extra))
+
+    return make

@@ -1,0 +1,104 @@
+"""Failures end the run with a clear message and a resumable checkpoint, never a hang."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from gad_ray.config.schema import ConfigError
+from gad_ray.driver.metrics import read_metrics
+from gad_ray.driver.train import Trainer, TrainingAborted
+from gad_ray.synthetic.server import start_server_thread
+
+from .conftest import tiny_overrides
+
+
+def test_config_errors_are_caught_before_any_actor_starts(make_cfg):
+    with pytest.raises(ConfigError, match="algorithm.grpo.n_samples=1"):
+        make_cfg("algorithm.grpo.n_samples=1")
+    assert not ray.is_initialized()
+
+
+def test_dead_actor_ends_the_run_naming_the_role_and_the_checkpoint(ray_session, make_cfg):
+    cfg = make_cfg("trainer.save_every=1")
+    trainer = Trainer(cfg)
+    try:
+        trainer.total_steps = 1
+        trainer.fit()
+        trainer.total_steps = 4
+        ray.kill(trainer.discriminator.workers[0])
+        with pytest.raises(TrainingAborted) as err:
+            trainer.fit()
+    finally:
+        trainer.shutdown()
+    msg = str(err.value)
+    assert "discriminator" in msg and "step_00000001" in msg and "resume=auto" in msg
+
+
+def test_teacher_outage_ends_the_run_with_a_resumable_checkpoint(ray_session, tmp_path):
+    from gad_ray.config.hydra_app import compose
+
+    os.environ["GAD_TEST_TEACHER_KEY"] = "sk-test-outage"
+    server = start_server_thread(api_key="sk-test-outage")
+    cfg = compose(
+        tiny_overrides(
+            tmp_path / "run",
+            "teacher=api",
+            f"teacher.api.base_url={server.base_url}",
+            "teacher.api.model=synthetic-teacher",
+            "teacher.api.api_key_env=GAD_TEST_TEACHER_KEY",
+            "teacher.api.max_retries=1",
+            "teacher.api.timeout_s=1",
+            "teacher.api.backoff_base_s=0.05",
+            "teacher.api.backoff_max_s=0.1",
+            "teacher.prefetch_batches=0",
+            "trainer.save_every=1",
+        )
+    )
+    trainer = Trainer(cfg)
+    try:
+        trainer.total_steps = 1
+        trainer.fit()
+        server.stop()  # the API goes away
+        trainer.total_steps = 4
+        t0 = time.time()
+        with pytest.raises(TrainingAborted, match="teacher") as err:
+            trainer.fit()
+        assert time.time() - t0 < 60
+    finally:
+        trainer.shutdown()
+    assert "step_00000001" in str(err.value)
+    assert "sk-test-outage" not in str(err.value)
+
+
+def test_ctrl_c_saves_and_exits_then_resume_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [
+        str(Path(sys.executable).parent / "gad-train"),
+        *tiny_overrides(run_dir, "trainer.save_every=100"),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any("stage" in r for r in read_metrics(metrics)):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "Interrupted: saved a checkpoint" in out
+    saved = sorted((run_dir / "checkpoints").iterdir())
+    assert saved and (saved[-1] / "trainer_state.json").is_file()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Resumed from" in done.stdout
+    steps = [r["step"] for r in read_metrics(metrics) if "event" not in r]
+    assert steps == [0, 1, 2, 3]
