@@ -218,6 +218,14 @@ class TeacherConfig(_Strict):
     prefetch_batches: int = Field(2, ge=0)
 
 
+class FetchConfig(_Strict):
+    """``gad-fetch``: fill a prompt file with teacher responses."""
+
+    input: str | None = None  # default: data.train_path
+    output: str | None = None  # default: <stem>.teacher.jsonl|parquet beside the input
+    retry_failed: bool = False  # ask again for prompts that failed permanently before
+
+
 class ClusterConfig(_Strict):
     address: str | None = None  # None: start a local Ray; "auto": join the running cluster
     num_nodes: int = Field(1, ge=1)
@@ -253,6 +261,7 @@ class Config(_Strict):
     rollout: RolloutConfig = RolloutConfig()
     learner: LearnerConfig = LearnerConfig()
     teacher: TeacherConfig = TeacherConfig()
+    fetch: FetchConfig = FetchConfig()
     cluster: ClusterConfig = ClusterConfig()
     trainer: TrainerConfig = TrainerConfig()
 

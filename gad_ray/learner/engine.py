@@ -1,0 +1,217 @@
+"""Training engines: the interface the learner workers use, and its FSDP2 implementation.
+
+An :class:`Engine` owns one trainable model plus its optimizer and LR schedule on one rank of
+an initialised ``torch.distributed`` group. Workers only ever call the methods below, so a
+backend (FSDP2 here, DeepSpeed in ``deepspeed_engine.py``) is a drop-in replacement.
+
+Gradient convention: backends AVERAGE gradients over ranks, so a worker multiplies each
+micro-batch loss by ``engine.grad_factor`` (the world size) to get the gradient of the global
+loss, whose micro-batch terms are already divided by the global denominator.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+
+from gad_ray.config.schema import LearnerConfig, OptimConfig
+from gad_ray.learner import checkpoint
+from gad_ray.learner.optim import build_optimizer, build_scheduler
+
+
+class Engine(ABC):
+    """One trainable model on one rank. All methods are collective unless noted."""
+
+    module: nn.Module  # call it like the unwrapped model (forward is sharding-aware)
+    grad_factor: float  # multiply each micro-batch loss by this before ``backward``
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients of ``loss`` (one micro-batch)."""
+
+    @abstractmethod
+    def step(self) -> float:
+        """Clip, optimizer step, LR-schedule step, zero grads; return the pre-clip grad norm."""
+
+    @abstractmethod
+    def lr(self) -> float:
+        """The learning rate the next ``step`` uses (local, not collective)."""
+
+    @abstractmethod
+    def named_full_params(
+        self, dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter, gathered to full size one at a time, on every rank (same order)."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full model state dict on CPU on rank 0 (empty on the other ranks)."""
+
+    @abstractmethod
+    def save(self, path: str, frozen: dict[str, nn.Module]) -> None:
+        """Sharded save of model, optimizer, schedule and the ``frozen`` extra models to ``path``."""
+
+    @abstractmethod
+    def load(self, path: str, frozen: dict[str, nn.Module]) -> None:
+        """Inverse of :meth:`save` (same world size not required for FSDP2)."""
+
+    @abstractmethod
+    def copy_params_to(self, frozen: nn.Module) -> None:
+        """Copy this model's current parameters into a frozen model built by ``build_frozen``."""
+
+
+def compute_dtype(cfg: LearnerConfig, device: torch.device) -> torch.dtype:
+    """bf16 when asked, or on GPU with ``mixed_precision: auto``; fp32 otherwise."""
+    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (classes named in HF's ``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"cannot find decoder layers of {type(model).__name__} to shard "
+            f"(_no_split_modules={sorted(names)})"
+        )
+    return layers
+
+
+def _shard(model: nn.Module, mesh: DeviceMesh, dtype: torch.dtype, offload: bool) -> nn.Module:
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy)
+    return model
+
+
+def _mesh(device: torch.device) -> DeviceMesh:
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def reshard(model: nn.Module) -> None:
+    """Free FSDP2's unsharded parameters; a forward without backward leaves the root's (e.g.
+    the embeddings) unsharded, with plain tensors in place of the DTensor shards."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _full(p: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not isinstance(p, DTensor):
+        return p.detach()
+    if p.device.type != device.type:  # CPU-offloaded shard: gather on the compute device
+        local = p.to_local().to(device)
+        p = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    return p.detach().full_tensor()
+
+
+class FSDP2Engine(Engine):
+    """``fully_shard`` per decoder layer + root, AdamW, LambdaLR, grad-norm clipping."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lcfg: LearnerConfig,
+        ocfg: OptimConfig,
+        device: torch.device,
+        total_steps: int | None = None,
+    ) -> None:
+        offload = (lcfg.param_offload or lcfg.optimizer_offload) and device.type == "cuda"
+        self.device = device
+        self.module = _shard(model, _mesh(device), compute_dtype(lcfg, device), offload)
+        self.grad_factor = float(dist.get_world_size())
+        self.grad_clip = ocfg.grad_clip
+        self.optimizer = build_optimizer(self.module.parameters(), ocfg)
+        self.scheduler = build_scheduler(self.optimizer, ocfg, total_steps)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        norm = float(norm)
+        if math.isfinite(norm):
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def named_full_params(
+        self, dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        reshard(self.module)
+        for name, p in self.module.named_parameters():
+            full = _full(p, self.device)
+            yield name, full if dtype is None else full.to(dtype)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.module, options=opts)
+
+    def save(self, path: str, frozen: dict[str, nn.Module]) -> None:
+        checkpoint.save_sharded(path, self.module, self.optimizer, self.scheduler, frozen)
+
+    def load(self, path: str, frozen: dict[str, nn.Module]) -> None:
+        checkpoint.load_sharded(path, self.module, self.optimizer, self.scheduler, frozen)
+
+    def copy_params_to(self, frozen: nn.Module) -> None:
+        reshard(self.module)
+        reshard(frozen)
+        src = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name, p in frozen.named_parameters():
+                local = src[name].to_local() if isinstance(src[name], DTensor) else src[name]
+                dst = p.to_local() if isinstance(p, DTensor) else p
+                dst.copy_(local)
+
+
+def build_engine(
+    model: nn.Module,
+    lcfg: LearnerConfig,
+    ocfg: OptimConfig,
+    device: torch.device,
+    total_steps: int | None = None,
+) -> Engine:
+    """The engine of ``lcfg.backend`` around ``model`` (an unwrapped fp32/bf16 HF model)."""
+    if lcfg.backend == "deepspeed":
+        from gad_ray.learner.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, lcfg, ocfg, device, total_steps)
+    return FSDP2Engine(model, lcfg, ocfg, device, total_steps)
+
+
+def build_frozen(model: nn.Module, lcfg: LearnerConfig, device: torch.device) -> nn.Module:
+    """A forward-only copy sharded like the trained model (``learner.reference_offload`` on GPU
+    keeps its shards on CPU)."""
+    if lcfg.backend == "deepspeed":
+        from gad_ray.learner.deepspeed_engine import build_frozen_deepspeed
+
+        return build_frozen_deepspeed(model, lcfg, device)
+    model.requires_grad_(False)
+    offload = lcfg.reference_offload and device.type == "cuda"
+    return _shard(model, _mesh(device), compute_dtype(lcfg, device), offload).eval()

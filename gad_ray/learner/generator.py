@@ -1,0 +1,282 @@
+"""The generator (student policy) learner: log-probs, SFT and GRPO steps, weight sync.
+
+Each rank holds a shard of the policy (trained) and, for GRPO, of a frozen reference policy
+(the KL anchor of SPEC §2), initialised from the same weights; ``reset_reference`` re-snapshots
+it from the current policy (the driver calls it after the warmup stage).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from gad_ray.algorithms import (
+    aggregate_loss,
+    broadcast_to_tokens,
+    entropy_from_logits,
+    kl_penalty,
+    loss_denominator,
+    ppo_clip_loss,
+    sft_loss_mat,
+    token_logprobs,
+)
+from gad_ray.config.schema import Config, ModelSpec
+from gad_ray.data.batch import TokenBatch
+from gad_ray.learner import checkpoint
+from gad_ray.learner.engine import build_engine, build_frozen, compute_dtype
+from gad_ray.learner.group import LearnerGroup
+from gad_ray.learner.worker import LearnerWorker
+from gad_ray.models.loading import load_causal_lm, load_tokenizer, model_max_context
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def master_dtype(spec: ModelSpec) -> torch.dtype:
+    """Dtype of the trained weights: fp32 for ``auto`` (bf16 compute comes from the engine)."""
+    return _DTYPES.get(spec.dtype, torch.float32)
+
+
+def policy_logprobs(
+    model: nn.Module, mb: TokenBatch, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Aligned log-probs [b, t] of ``mb``'s tokens (position t: token t given < t; 0 at t=0) and,
+    optionally, the entropy [b, t] of the distribution each token was drawn from."""
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+    logits = logits[:, :-1]
+    logp = F.pad(token_logprobs(logits, mb.input_ids[:, 1:]), (1, 0))
+    if not with_entropy:
+        return logp, None
+    return logp, F.pad(entropy_from_logits(logits), (1, 0))
+
+
+def _check_batch(batch: TokenBatch, method: str) -> None:
+    if not isinstance(batch, TokenBatch):
+        raise TypeError(f"{method}: expected a TokenBatch, got {type(batch).__name__}")
+    if len(batch) == 0 or float(batch.response_mask.sum()) == 0:
+        raise ValueError(
+            f"{method}: the batch ({len(batch)} rows) has no response tokens; nothing to train on"
+        )
+
+
+def _check_token_tensor(t: torch.Tensor, batch: TokenBatch, name: str, method: str) -> None:
+    if t.shape != batch.input_ids.shape:
+        raise ValueError(
+            f"{method}: {name} has shape {tuple(t.shape)}, expected [B, T] = "
+            f"{tuple(batch.input_ids.shape)} like batch.input_ids"
+        )
+
+
+class GeneratorWorker(LearnerWorker):
+    """One rank of the generator learner."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        rank: int,
+        world_size: int,
+        role: str,
+        num_threads: int,
+        model_path: str,
+        with_reference: bool,
+        total_steps: int | None,
+    ) -> None:
+        super().__init__(cfg, rank, world_size, role, num_threads)
+        self.model_path, self.with_reference, self.total_steps = (
+            model_path,
+            with_reference,
+            total_steps,
+        )
+        self.reference: nn.Module | None = None
+
+    def setup(self) -> None:
+        spec, lcfg = self.cfg.model.student, self.cfg.learner
+        model = load_causal_lm(self.model_path, dtype=master_dtype(spec))
+        self.hf_config = model.config
+        if spec.gradient_checkpointing:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        optim = self.cfg.algorithm.generator_optim
+        self.engine = build_engine(model, lcfg, optim, self.device, self.total_steps)
+        if self.with_reference:
+            ref = load_causal_lm(self.model_path, dtype=master_dtype(spec))
+            self.reference = build_frozen(ref, lcfg, self.device)
+
+    def frozen_models(self) -> dict[str, nn.Module]:
+        return {"reference": self.reference} if self.reference is not None else {}
+
+    # -- forward-only ---------------------------------------------------------------------
+    def logprobs(
+        self, batch: TokenBatch, plan: list[list[int]]
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        self.engine.module.eval()
+        return self.forward_plan(batch, plan, lambda mb: policy_logprobs(self.engine.module, mb)[0])
+
+    # -- training -------------------------------------------------------------------------
+    def train_sft(self, batch: TokenBatch, plan: list[list[int]], den: float) -> dict[str, float]:
+        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
+            logp, _ = policy_logprobs(self.engine.module, mb)
+            loss = aggregate_loss(sft_loss_mat(logp), mb.response_mask, "token-mean", den)
+            return loss, {"loss": loss.item()}
+
+        return self.train_step(batch, plan, loss_fn)
+
+    def train_grpo(
+        self,
+        batch: TokenBatch,
+        plan: list[list[int]],
+        advantages: torch.Tensor,
+        old_logprobs: torch.Tensor | None,
+        den: float,
+        num_tokens: float,
+    ) -> dict[str, float]:
+        g = self.cfg.algorithm.grpo
+
+        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
+            mask, t = mb.response_mask, mb.input_ids.shape[1]
+            adv = advantages[rows, :t].to(self.device)
+            logp, ent = policy_logprobs(self.engine.module, mb, with_entropy=True)
+            old = logp.detach() if old_logprobs is None else old_logprobs[rows, :t].to(self.device)
+            pg_mat, stats = ppo_clip_loss(
+                logp, old, adv, mask, g.clip_low, g.clip_high, g.dual_clip
+            )
+            pg = aggregate_loss(pg_mat, mask, g.loss_agg_mode, den)
+            loss = pg
+            metrics = {
+                "pg_loss": pg.item(),
+                "pg_clipfrac": float(stats["clipped"].sum()) / num_tokens,
+                "approx_kl": float(stats["approx_kl"].sum()) / num_tokens,
+                "entropy": float((ent.detach() * mask).sum()) / num_tokens,
+            }
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref, _ = policy_logprobs(self.reference, mb)
+                kl = aggregate_loss(
+                    kl_penalty(logp, ref, g.kl_estimator), mask, g.loss_agg_mode, den
+                )
+                loss = loss + g.kl_coef * kl
+                metrics["kl"] = kl.item()
+            if g.entropy_coef:
+                loss = loss - g.entropy_coef * aggregate_loss(ent, mask, g.loss_agg_mode, den)
+            metrics["loss"] = loss.item()
+            return loss, metrics
+
+        return self.train_step(batch, plan, loss_fn)
+
+    def reset_reference(self) -> None:
+        if self.reference is None:
+            raise RuntimeError("reset_reference: this generator learner holds no reference policy")
+        self.engine.copy_params_to(self.reference)
+
+    # -- export ---------------------------------------------------------------------------
+    def full_params(self) -> dict[str, torch.Tensor]:
+        """Every full parameter on rank 0 (empty dict elsewhere); gathered one at a time."""
+        out = {}
+        for name, t in self.engine.named_full_params():
+            if self.rank == 0:
+                out[name] = t.cpu()
+        return out
+
+    def sync_weights(self, rollout_workers: list[Any]) -> dict[str, float]:
+        """All ranks gather full parameters in lockstep; rank 0 streams them to the workers."""
+        rcfg = self.cfg.rollout
+        named = self.engine.named_full_params(compute_dtype(self.cfg.learner, self.device))
+        if self.rank != 0:
+            for _ in named:
+                pass
+            return {}
+        from gad_ray.rollout.weight_sync import send_weights
+
+        return send_weights(named, rollout_workers, rcfg.bucket_bytes, rcfg.weight_sync)
+
+    def save_pretrained(self, path: str) -> None:
+        state = self.engine.full_state_dict()
+        if self.rank == 0:
+            spec = self.cfg.model.student
+            tok = load_tokenizer(spec.tokenizer or self.model_path)
+            checkpoint.export_hf(path, state, self.hf_config, tok)
+        dist.barrier()
+
+
+class GeneratorGroup(LearnerGroup):
+    """The student policy learner: ``cfg.learner.generator_ranks`` actors (SPEC §2)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        model_path: str | None = None,
+        total_steps: int | None = None,
+        with_reference: bool | None = None,
+        cpus_per_rank: int = 1,
+    ) -> None:
+        """``model_path`` defaults to ``cfg.model.student.path``; ``with_reference`` (a frozen KL
+        anchor) defaults to whether the algorithm runs GRPO; ``total_steps`` is needed by a
+        cosine LR schedule."""
+        path = model_path or cfg.model.student.path
+        model_max_context(path)  # fails fast on the host with ModelLoadError naming the path
+        if with_reference is None:
+            with_reference = cfg.algorithm.uses_discriminator
+        super().__init__(
+            GeneratorWorker,
+            cfg,
+            cfg.learner.generator_ranks,
+            "generator",
+            cpus_per_rank,
+            model_path=path,
+            with_reference=with_reference,
+            total_steps=total_steps,
+        )
+
+    def compute_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """Policy log-probs [B, T] of the batch's tokens, zero off the response."""
+        _check_batch(batch, "GeneratorGroup.compute_logprobs")
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        for indices, rows in self.run_batch("logprobs", batch):
+            for i, row in zip(indices, rows, strict=True):
+                out[i, : row.shape[0]] = row
+        return out * batch.response_mask
+
+    def train_sft(self, batch: TokenBatch) -> dict[str, float]:
+        """One optimizer step of token-mean cross-entropy on the response tokens."""
+        _check_batch(batch, "GeneratorGroup.train_sft")
+        den = loss_denominator(batch.response_mask, "token-mean")
+        return self.run_batch("train_sft", batch, den)[0]
+
+    def train_grpo(
+        self, batch: TokenBatch, advantages: torch.Tensor, old_logprobs: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """One optimizer step of PPO-clip + ``kl_coef`` * KL(reference) - ``entropy_coef`` * H.
+
+        ``advantages`` are [B] (broadcast to response tokens) or [B, T]; ``old_logprobs`` [B, T]
+        default to the current policy's (on-policy: ratio 1).
+        """
+        method = "GeneratorGroup.train_grpo"
+        _check_batch(batch, method)
+        if advantages.dim() == 1 and advantages.shape[0] == len(batch):
+            advantages = broadcast_to_tokens(advantages.float(), batch.response_mask)
+        _check_token_tensor(advantages, batch, "advantages", method)
+        if old_logprobs is not None:
+            _check_token_tensor(old_logprobs, batch, "old_logprobs", method)
+        g = self.cfg.algorithm.grpo
+        den = loss_denominator(
+            batch.response_mask, g.loss_agg_mode, self.cfg.data.max_response_length
+        )
+        num_tokens = float(batch.response_mask.sum())
+        return self.run_batch(
+            "train_grpo", batch, advantages.float(), old_logprobs, den, num_tokens
+        )[0]
+
+    def reset_reference(self) -> None:
+        """Re-snapshot the frozen reference policy from the current policy."""
+        self.run("reset_reference")
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        """The full parameters (gathered from the shards), for tests and export checks."""
+        return self.run("full_params")
+
+    def sync_weights(self, rollout_workers: list[Any]) -> dict[str, float]:
+        """Push the current policy into the rollout workers (``gad_ray.rollout.weight_sync``)."""
+        return self.run("sync_weights", rollout_workers)

@@ -1,0 +1,138 @@
+"""A group of N learner actors forming one ``torch.distributed`` group, driven from the host.
+
+The group places its actors with a Ray placement group (one bundle per rank), lets rank 0
+publish a free rendezvous port on its node, and initialises gloo (CPU) or NCCL (GPU) on all
+ranks. Methods are fanned out to every rank (collectives need them all) and rank 0's result is
+returned; a rank that raises or dies raises :class:`LearnerError` naming the role and rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from gad_ray.config.schema import Config
+from gad_ray.data.batch import TokenBatch, split_for_ranks
+
+
+class LearnerError(RuntimeError):
+    """A learner rank failed; the message names the role and the rank."""
+
+
+def _bundles(num_ranks: int, use_gpu: bool, cpus_per_rank: int) -> list[dict[str, float]]:
+    if use_gpu:
+        return [{"GPU": 1, "CPU": cpus_per_rank} for _ in range(num_ranks)]
+    return [{"CPU": cpus_per_rank} for _ in range(num_ranks)]
+
+
+class LearnerGroup:
+    """N actors of ``worker_cls`` (a :class:`~gad_ray.learner.worker.LearnerWorker`)."""
+
+    def __init__(
+        self,
+        worker_cls: type,
+        cfg: Config,
+        num_ranks: int,
+        role: str,
+        cpus_per_rank: int = 1,
+        ready_timeout_s: float = 600.0,
+        **worker_kwargs: Any,
+    ) -> None:
+        self.cfg, self.role, self.num_ranks = cfg, role, num_ranks
+        self.use_gpu = cfg.cluster.gpus_per_node > 0
+        self.pg: PlacementGroup | None = placement_group(
+            _bundles(num_ranks, self.use_gpu, cpus_per_rank), strategy="PACK"
+        )
+        try:
+            ray.get(self.pg.ready(), timeout=ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise LearnerError(
+                f"{role} learner: no room for {num_ranks} ranks x "
+                f"{_bundles(1, self.use_gpu, cpus_per_rank)[0]} within {ready_timeout_s:.0f} s "
+                f"(cluster resources: {ray.cluster_resources()})"
+            ) from None
+        remote_cls = ray.remote(
+            num_cpus=cpus_per_rank, num_gpus=1 if self.use_gpu else 0, max_restarts=0
+        )(worker_cls)
+        self.workers = [
+            remote_cls.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=rank
+                ),
+                name=None,
+            ).remote(cfg, rank, num_ranks, role, cpus_per_rank, **worker_kwargs)
+            for rank in range(num_ranks)
+        ]
+        try:
+            addr, port = self._get([self.workers[0].rendezvous_address.remote()], ranks=[0])[0]
+            self.run("init_distributed", addr, port)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _get(self, refs: list[ray.ObjectRef], ranks: list[int]) -> list[Any]:
+        """Wait for all refs; the first failing rank raises :class:`LearnerError` at once."""
+        pending = dict(zip(refs, ranks, strict=True))
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            rank = pending.pop(done[0])
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayActorError as e:
+                raise LearnerError(f"{self.role} learner rank {rank} died: {e}") from e
+            except ray.exceptions.RayTaskError as e:
+                raise LearnerError(
+                    f"{self.role} learner rank {rank} failed: {e.cause!r}"
+                ) from e.as_instanceof_cause()
+        return ray.get(refs)
+
+    def run_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call ``method`` on every rank with the same arguments; results in rank order."""
+        refs = [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
+        return self._get(refs, list(range(self.num_ranks)))
+
+    def run(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`run_all`, returning rank 0's result."""
+        return self.run_all(method, *args, **kwargs)[0]
+
+    def plan(self, batch: TokenBatch) -> list[list[list[int]]]:
+        """Per rank, its micro-batches of global row indices (same count on every rank)."""
+        lcfg = self.cfg.learner
+        return split_for_ranks(
+            batch.seq_lens(), self.num_ranks, lcfg.micro_batch_size, lcfg.max_tokens_per_micro_batch
+        )
+
+    def run_batch(self, method: str, batch: TokenBatch, *args: Any, **kwargs: Any) -> list[Any]:
+        """Put ``batch`` in the object store once; each rank gets it plus its micro-batch plan."""
+        ref = ray.put(batch)
+        refs = [
+            getattr(w, method).remote(ref, plan, *args, **kwargs)
+            for w, plan in zip(self.workers, self.plan(batch), strict=True)
+        ]
+        return self._get(refs, list(range(self.num_ranks)))
+
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded save of the full training state (model, optimizer, schedule, RNG, step)."""
+        self.run("save_checkpoint", path)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.run("load_checkpoint", path)
+
+    def save_pretrained(self, path: str) -> None:
+        """Hugging Face export (``save_pretrained`` + tokenizer) written by rank 0."""
+        self.run("save_pretrained", path)
+
+    def shutdown(self) -> None:
+        """Kill the actors (their process group goes with them) and release the placement group.
+
+        No collective teardown: it would hang when a rank has died."""
+        workers, self.workers = getattr(self, "workers", []), []
+        for w in workers:
+            ray.kill(w)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None

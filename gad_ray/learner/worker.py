@@ -1,0 +1,140 @@
+"""The learner actor base class: distributed init, the micro-batch loop, metrics, checkpoints.
+
+A role (generator, discriminator) subclasses :class:`LearnerWorker`, builds its models in
+:meth:`setup` and expresses a training step as a per-micro-batch loss function handed to
+:meth:`train_step`. Every rank runs the same number of forwards/backwards: an empty
+micro-batch (see ``split_for_ranks``) runs a dummy row with zero loss so collectives line up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gad_ray.config.schema import Config
+from gad_ray.data.batch import TokenBatch
+from gad_ray.learner import checkpoint
+from gad_ray.learner.engine import Engine
+
+# (global rows of the micro-batch, micro-batch) -> (loss already divided by the global
+# denominators, additive metric sums)
+LossFn = Callable[[list[int], TokenBatch], tuple[torch.Tensor, dict[str, float]]]
+
+
+class LearnerWorker:
+    """One rank of a learner group; subclasses set ``self.engine`` in :meth:`setup`."""
+
+    engine: Engine
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, role: str, num_threads: int = 1):
+        os.environ["OMP_NUM_THREADS"] = str(num_threads)
+        torch.set_num_threads(num_threads)
+        self.cfg, self.rank, self.world_size, self.role = cfg, rank, world_size, role
+        self.step = 0
+        self.device = torch.device("cpu")
+
+    # -- distributed set-up --------------------------------------------------------------
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a free TCP port on it (called on rank 0)."""
+        import ray
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def init_distributed(self, addr: str, port: int) -> None:
+        """Join the process group (NCCL on GPU, gloo on CPU), then build models via setup()."""
+        use_gpu = self.cfg.cluster.gpus_per_node > 0
+        if use_gpu:
+            self.device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES per actor
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(
+            "nccl" if use_gpu else "gloo",
+            init_method=f"tcp://{addr}:{port}",
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        torch.manual_seed(self.cfg.seed)
+        self.setup()
+
+    def setup(self) -> None:
+        """Build the models and ``self.engine`` (collective)."""
+        raise NotImplementedError
+
+    # -- micro-batch loops ---------------------------------------------------------------
+    def micro_batches(
+        self, batch: TokenBatch, plan: list[list[int]]
+    ) -> list[tuple[list[int], list[int], TokenBatch]]:
+        """(indices, rows, micro-batch on this device) per micro-batch of ``plan``; an empty one
+        (``indices == []``) gets row 0 as a dummy (``rows == [0]``)."""
+        out = []
+        for idx in plan:
+            rows = idx or [0]
+            out.append((idx, rows, batch.select(rows).to(self.device)))
+        return out
+
+    @torch.no_grad()
+    def forward_plan(
+        self, batch: TokenBatch, plan: list[list[int]], fn: Callable[[TokenBatch], torch.Tensor]
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """Run ``fn`` on each of this rank's micro-batches; return global indices and CPU rows."""
+        indices, rows = [], []
+        for idx, _, mb in self.micro_batches(batch, plan):
+            out = fn(mb).float().cpu()
+            if idx:
+                indices += idx
+                rows += list(out)
+        return indices, rows
+
+    def train_step(
+        self, batch: TokenBatch, plan: list[list[int]], loss_fn: LossFn
+    ) -> dict[str, float]:
+        """One optimizer step over the global batch: grads accumulated over this rank's
+        micro-batches, reduced by the engine; metric sums all-reduced over ranks."""
+        start = time.perf_counter()
+        self.engine.module.train()
+        sums: dict[str, float] = {}
+        for idx, rows, mb in self.micro_batches(batch, plan):
+            loss, metrics = loss_fn(rows, mb)
+            if not idx:
+                loss, metrics = loss * 0.0, {}
+            self.engine.backward(loss * self.engine.grad_factor)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        lr = self.engine.lr()
+        grad_norm = self.engine.step()
+        self.step += 1
+        out = self.all_reduce_sums(sums)
+        seconds = time.perf_counter() - start
+        out.update(
+            grad_norm=grad_norm, lr=lr, tokens_per_s=batch.num_tokens() / seconds, step_s=seconds
+        )
+        return out
+
+    def all_reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        """Sum each metric over ranks (ranks may lack keys, e.g. after only dummy micro-batches)."""
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, sums)
+        keys = sorted({k for d in gathered for k in d})
+        return {k: float(sum(d.get(k, 0.0) for d in gathered)) for k in keys}
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        """Extra untrained models saved with the checkpoint (e.g. the reference policy)."""
+        return {}
+
+    def save_checkpoint(self, path: str) -> None:
+        self.engine.save(path, self.frozen_models())
+        checkpoint.save_rank_state(path, self.rank, {"step": self.step})
+        dist.barrier()
+
+    def load_checkpoint(self, path: str) -> None:
+        self.engine.load(path, self.frozen_models())
+        self.step = checkpoint.load_rank_state(path, self.rank)["step"]
