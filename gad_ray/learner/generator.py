@@ -31,6 +31,7 @@ from gad_ray.learner.engine import build_engine, build_frozen, compute_dtype
 from gad_ray.learner.group import LearnerGroup
 from gad_ray.learner.worker import LearnerWorker
 from gad_ray.models.loading import load_causal_lm, load_tokenizer, model_max_context
+from gad_ray.placement import RolePlacement
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -211,6 +212,7 @@ class GeneratorGroup(LearnerGroup):
         total_steps: int | None = None,
         with_reference: bool | None = None,
         cpus_per_rank: int = 1,
+        placement: RolePlacement | None = None,
     ) -> None:
         """``model_path`` defaults to ``cfg.model.student.path``; ``with_reference`` (a frozen KL
         anchor) defaults to whether the algorithm runs GRPO; ``total_steps`` is needed by a
@@ -225,6 +227,7 @@ class GeneratorGroup(LearnerGroup):
             cfg.learner.generator_ranks,
             "generator",
             cpus_per_rank,
+            placement=placement,
             model_path=path,
             with_reference=with_reference,
             total_steps=total_steps,

@@ -12,10 +12,10 @@ from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, split_for_ranks
+from gad_ray.placement import RolePlacement
 
 
 class LearnerError(RuntimeError):
@@ -39,32 +39,33 @@ class LearnerGroup:
         role: str,
         cpus_per_rank: int = 1,
         ready_timeout_s: float = 600.0,
+        placement: RolePlacement | None = None,
         **worker_kwargs: Any,
     ) -> None:
+        """``placement`` (from :func:`gad_ray.placement.plan_placement`) puts the ranks in a pool
+        shared with other roles; without it the group makes its own placement group."""
         self.cfg, self.role, self.num_ranks = cfg, role, num_ranks
         self.use_gpu = cfg.cluster.gpus_per_node > 0
-        self.pg: PlacementGroup | None = placement_group(
-            _bundles(num_ranks, self.use_gpu, cpus_per_rank), strategy="PACK"
-        )
-        try:
-            ray.get(self.pg.ready(), timeout=ready_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.pg)
-            raise LearnerError(
-                f"{role} learner: no room for {num_ranks} ranks x "
-                f"{_bundles(1, self.use_gpu, cpus_per_rank)[0]} within {ready_timeout_s:.0f} s "
-                f"(cluster resources: {ray.cluster_resources()})"
-            ) from None
-        remote_cls = ray.remote(
-            num_cpus=cpus_per_rank, num_gpus=1 if self.use_gpu else 0, max_restarts=0
-        )(worker_cls)
+        self.pg: PlacementGroup | None = None  # owned (and removed) by this group only
+        if placement is None or placement.pg is None:
+            bundles = _bundles(num_ranks, self.use_gpu, cpus_per_rank)
+            self.pg = placement_group(bundles, strategy="PACK")
+            try:
+                ray.get(self.pg.ready(), timeout=ready_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(self.pg)
+                raise LearnerError(
+                    f"{role} learner: no room for {num_ranks} ranks x {bundles[0]} within "
+                    f"{ready_timeout_s:.0f} s (cluster resources: {ray.cluster_resources()})"
+                ) from None
+            placement = RolePlacement(
+                1 if self.use_gpu else 0, cpus_per_rank, self.pg, list(range(num_ranks))
+            )
+        remote_cls = ray.remote(max_restarts=0)(worker_cls)
         self.workers = [
-            remote_cls.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=rank
-                ),
-                name=None,
-            ).remote(cfg, rank, num_ranks, role, cpus_per_rank, **worker_kwargs)
+            remote_cls.options(**placement.options(rank)).remote(
+                cfg, rank, num_ranks, role, cpus_per_rank, **worker_kwargs
+            )
             for rank in range(num_ranks)
         ]
         try:

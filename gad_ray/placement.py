@@ -1,0 +1,115 @@
+"""Resource pools per role: which GPUs (or CPUs) each actor of each role is placed on.
+
+``cluster.placement``:
+- ``disaggregated``: every role gets its own GPUs (rollout worker w: ``tensor_parallel_size``
+  GPUs; generator and discriminator ranks: one GPU each), all in one placement group;
+- ``colocated``: the roles share one pool of GPUs (rank i of every role on GPU i), each actor
+  taking a fraction of the GPU; vLLM sleeps while the learners train.
+
+On CPU (``cluster.gpus_per_node == 0``) every actor asks for one logical CPU and no pool is
+made: Ray's local scheduler places them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from gad_ray.config.schema import Config, ConfigError
+
+# Fraction of a shared GPU each colocated actor asks Ray for (memory is managed by vLLM's
+# gpu_memory_utilization and sleep mode, not by Ray; the fractions only make them fit).
+COLOCATED_SHARE = {"rollout": 0.4, "generator": 0.3, "discriminator": 0.3}
+
+
+@dataclass
+class RolePlacement:
+    """Where the actors of one role go: bundle ``bundles[i]`` of ``pg`` for actor i."""
+
+    num_gpus: float
+    num_cpus: float
+    pg: PlacementGroup | None = None
+    bundles: list[int] = field(default_factory=list)
+
+    def options(self, i: int) -> dict[str, Any]:
+        """``ray.remote(...).options(**placement.options(i))`` for the i-th actor."""
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=self.bundles[i]
+            )
+        return opts
+
+
+def role_sizes(cfg: Config) -> dict[str, tuple[int, int]]:
+    """Per role: (number of actors, GPUs per actor when it has GPUs of its own)."""
+    sizes = {
+        "rollout": (cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size),
+        "generator": (cfg.learner.generator_ranks, 1),
+    }
+    if cfg.algorithm.uses_discriminator:
+        sizes["discriminator"] = (cfg.learner.discriminator_ranks, 1)
+    return sizes
+
+
+def plan_placement(cfg: Config, cpus_per_actor: float = 1.0) -> dict[str, RolePlacement]:
+    """Create the pool (a placement group) and say where each role's actors go."""
+    sizes = role_sizes(cfg)
+    total_gpus = cfg.cluster.gpus_per_node * cfg.cluster.num_nodes
+    if total_gpus == 0:
+        return {role: RolePlacement(0, cpus_per_actor) for role in sizes}
+    if cfg.cluster.placement == "disaggregated":
+        need = sum(n * g for n, g in sizes.values())
+        if need > total_gpus:
+            raise ConfigError(_too_many(cfg, sizes, need, total_gpus))
+        bundles = [{"GPU": g, "CPU": cpus_per_actor} for n, g in sizes.values() for _ in range(n)]
+        pg = _ready(placement_group(bundles, strategy="PACK"), bundles)
+        out, start = {}, 0
+        for role, (n, g) in sizes.items():
+            out[role] = RolePlacement(g, cpus_per_actor, pg, list(range(start, start + n)))
+            start += n
+        return out
+    if cfg.rollout.tensor_parallel_size != 1:
+        raise ConfigError(
+            f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size}: colocated "
+            "placement runs one vLLM worker per GPU (tensor_parallel_size=1); use "
+            "cluster.placement=disaggregated for tensor parallelism"
+        )
+    pool = max(n for n, _ in sizes.values())
+    if pool > total_gpus:
+        raise ConfigError(_too_many(cfg, sizes, pool, total_gpus))
+    bundles = [{"GPU": 1, "CPU": cpus_per_actor * len(sizes)} for _ in range(pool)]
+    pg = _ready(placement_group(bundles, strategy="PACK"), bundles)
+    return {
+        role: RolePlacement(COLOCATED_SHARE[role], cpus_per_actor, pg, list(range(n)))
+        for role, (n, _) in sizes.items()
+    }
+
+
+def release(placements: dict[str, RolePlacement]) -> None:
+    for pg in {id(p.pg): p.pg for p in placements.values() if p.pg is not None}.values():
+        remove_placement_group(pg)
+
+
+def _ready(pg: PlacementGroup, bundles: list[dict], timeout_s: float = 600.0) -> PlacementGroup:
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(
+            f"placement: the cluster has no room for {len(bundles)} bundles {bundles[0]} "
+            f"within {timeout_s:.0f} s (cluster resources: {ray.cluster_resources()})"
+        ) from None
+    return pg
+
+
+def _too_many(cfg: Config, sizes: dict, need: int, have: int) -> str:
+    roles = ", ".join(f"{r}: {n} x {g} GPU" for r, (n, g) in sizes.items())
+    return (
+        f"cluster.placement={cfg.cluster.placement} needs {need} GPUs ({roles}) but the cluster "
+        f"has cluster.num_nodes x cluster.gpus_per_node = {have}"
+    )
