@@ -1,0 +1,20 @@
+"""The discriminator D (SPEC §2): a causal-LM backbone + scalar head scored at the last response
+token, trained with the Bradley-Terry loss by a group of Ray actors."""
+
+from gad_ray.discriminator.learner import DiscriminatorGroup, DiscriminatorWorker, concat_batches
+from gad_ray.discriminator.model import (
+    DiscriminatorModel,
+    check_discriminator_tokenizer,
+    discriminator_source,
+    last_response_index,
+)
+
+__all__ = [
+    "DiscriminatorGroup",
+    "DiscriminatorModel",
+    "DiscriminatorWorker",
+    "check_discriminator_tokenizer",
+    "concat_batches",
+    "discriminator_source",
+    "last_response_index",
+]

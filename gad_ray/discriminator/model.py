@@ -1,0 +1,152 @@
+"""The discriminator model (SPEC §2): a causal-LM backbone plus a new linear head to one scalar.
+
+``D(x, y)`` is the head's output at the LAST RESPONSE TOKEN (the final non-pad response token of
+the right-padded row), with no sigmoid. Dropout is 0.
+
+On disk a discriminator is a standard Hugging Face ``<Arch>ForSequenceClassification``
+directory with ``num_labels=1`` (backbone under ``model.``, head ``score.weight``, no bias), so
+``AutoModelForSequenceClassification`` can also read it; note that HF's own pooling picks the
+last non-pad token of the whole row, which is the same position for right-padded rows. A plain
+causal-LM directory (e.g. the student) gives the backbone and a freshly initialised head.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+
+from gad_ray.config.schema import Config
+from gad_ray.learner.checkpoint import export_hf
+from gad_ray.models.loading import (
+    ModelLoadError,
+    check_same_tokenizer,
+    load_tokenizer,
+    model_max_context,
+    resolve_model_path,
+)
+
+_DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "classifier_dropout", "resid_pdrop")
+
+
+def last_response_index(response_mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the position [B] of its final response token; raises naming rows with none."""
+    has = response_mask.sum(dim=1) > 0
+    if not bool(has.all()):
+        rows = (~has).nonzero().flatten().tolist()
+        raise ValueError(
+            f"discriminator: rows {rows[:10]} of the batch ({response_mask.shape[0]} rows) have no "
+            "response tokens; D(x, y) is read at the last response token"
+        )
+    t = response_mask.shape[1]
+    return t - 1 - response_mask.flip(1).argmax(dim=1)
+
+
+def discriminator_config(backbone_config: PretrainedConfig) -> PretrainedConfig:
+    """The ``<Arch>ForSequenceClassification`` config (num_labels=1, dropout 0) of a backbone."""
+    cfg = copy.deepcopy(backbone_config)
+    arch = type(backbone_config).__name__.removesuffix("Config")
+    cfg.architectures = [f"{arch}ForSequenceClassification"]
+    cfg.num_labels = 1
+    for key in _DROPOUT_KEYS:
+        if hasattr(cfg, key):
+            setattr(cfg, key, 0.0)
+    return cfg
+
+
+def is_discriminator_dir(config: PretrainedConfig) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+
+
+class DiscriminatorModel(nn.Module):
+    """``model`` (the backbone) + ``score`` (``Linear(hidden, 1, bias=False)``)."""
+
+    def __init__(self, backbone: nn.Module, score: nn.Linear, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.model, self.score, self.config = backbone, score, config
+        self._no_split_modules = list(getattr(backbone, "_no_split_modules", None) or [])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor | None = None,
+        last_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores [B]: the head at ``last_index`` (default: the last response token of each row)."""
+        if last_index is None:
+            if response_mask is None:
+                raise ValueError("DiscriminatorModel.forward needs response_mask or last_index")
+            last_index = last_response_index(response_mask)
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        h = hidden[rows, last_index.to(hidden.device)]
+        return self.score(h.to(self.score.weight.dtype)).squeeze(-1)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.model.gradient_checkpointing_enable({"use_reentrant": False})
+
+    @classmethod
+    def from_pretrained(
+        cls, spec: str, dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> DiscriminatorModel:
+        """Load a discriminator directory, or a causal LM's backbone plus a new head drawn from
+        N(0, initializer_range) with ``seed`` (independent of the global RNG)."""
+        model_max_context(spec)  # raises ModelLoadError naming the spec when it cannot resolve
+        path = resolve_model_path(spec)
+        config = AutoConfig.from_pretrained(path)
+        if is_discriminator_dir(config):
+            full = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, num_labels=1
+            )
+            if not isinstance(getattr(full, "score", None), nn.Linear):
+                raise ModelLoadError(f"{spec!r}: {type(full).__name__} has no linear `score` head")
+            return cls(full.model, full.score, discriminator_config(full.config))
+        dconfig = discriminator_config(config)
+        backbone = AutoModel.from_pretrained(path, config=dconfig, dtype=dtype)
+        score = nn.Linear(dconfig.hidden_size, 1, bias=False, dtype=dtype)
+        gen = torch.Generator().manual_seed(seed)
+        std = getattr(dconfig, "initializer_range", 0.02)
+        with torch.no_grad():
+            score.weight.copy_(torch.randn(score.weight.shape, generator=gen) * std)
+        return cls(backbone, score, dconfig)
+
+    def save_pretrained(self, path: str, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Write the HF ``ForSequenceClassification`` directory (+ tokenizer)."""
+        export_hf(
+            path, self.state_dict(), self.config, tokenizer, AutoModelForSequenceClassification
+        )
+
+
+def discriminator_source(cfg: Config) -> str:
+    """The discriminator's model spec: ``model.discriminator.path``, ``student`` meaning the
+    student's."""
+    path = cfg.model.discriminator.path
+    return cfg.model.student.path if path == "student" else path
+
+
+def check_discriminator_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+    """The shared tokenizer; raises ModelLoadError when the discriminator's differs from the
+    student's (D scores the student's token ids)."""
+    student = cfg.model.student
+    student_tok = load_tokenizer(student.tokenizer or student.path)
+    dspec = cfg.model.discriminator
+    source = dspec.tokenizer or discriminator_source(cfg)
+    if source != (student.tokenizer or student.path):
+        check_same_tokenizer(
+            student_tok,
+            load_tokenizer(source),
+            f"student ({student.tokenizer or student.path})",
+            f"discriminator ({source})",
+        )
+    return student_tok

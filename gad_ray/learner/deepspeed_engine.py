@@ -1,0 +1,204 @@
+"""The DeepSpeed ZeRO-2/3 :class:`~gad_ray.learner.engine.Engine`.
+
+``deepspeed.initialize`` shards an ordinary (already built) model: building it inside
+``deepspeed.zero.Init`` fails with transformers 5 (SPEC §5). On CPU, DeepSpeed runs with
+``DS_ACCELERATOR=cpu`` over the gloo group the worker initialised.
+
+Gradient accumulation is ours: the config sets ``managed_gradient_accumulation: false``, so
+``backward`` only accumulates (ZeRO-2/3 reduce-scatter each micro-batch's gradient into the
+partitioned gradient buffers, AVERAGED over ranks, hence ``grad_factor = world size``) and
+every ``step`` is the accumulation boundary: clip by the global norm, AdamW step, LR step. Losses
+are passed with ``scale_wrt_gas=False`` (they already carry the global denominator). The
+optimizer is our ``torch.optim.AdamW`` (no DeepSpeedCPUAdam build), wrapped by ZeRO, which keeps
+fp32 master weights (bf16 compute on GPU, fp32 on CPU).
+
+Frozen models (the GRPO reference): ZeRO-3 partitions them like the trained model (an engine
+without optimizer); with ZeRO-2 they are plain replicated modules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gad_ray.config.schema import LearnerConfig, OptimConfig
+from gad_ray.learner.engine import Engine, compute_dtype
+from gad_ray.learner.optim import build_optimizer, build_scheduler
+
+CHECKPOINT_TAG = "deepspeed"
+
+
+def _import_deepspeed(device: torch.device) -> Any:
+    """Import deepspeed with the right accelerator and launcher env vars (one device per actor)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+    import deepspeed
+
+    return deepspeed
+
+
+def deepspeed_config(
+    lcfg: LearnerConfig,
+    ocfg: OptimConfig | None,
+    device: torch.device,
+    offload_params: bool | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict of a learner (``ocfg=None``: a frozen, forward-only model)."""
+    on_gpu = device.type == "cuda"
+    zero: dict[str, Any] = {"stage": lcfg.zero_stage, "overlap_comm": False}
+    if offload_params is None:
+        offload_params = lcfg.param_offload
+    if offload_params and on_gpu and lcfg.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if lcfg.optimizer_offload and on_gpu and ocfg is not None:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "bf16": {"enabled": compute_dtype(lcfg, device) == torch.bfloat16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if ocfg is not None and ocfg.grad_clip:
+        config["gradient_clipping"] = ocfg.grad_clip
+    return config
+
+
+def _zero3(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def _gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> Any:
+    import deepspeed  # imported by the engine first, with the accelerator set
+
+    return deepspeed.zero.GatheredParameters(
+        params, modifier_rank=modifier_rank, enabled=_zero3(params[0])
+    )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # a DeepSpeed engine holds the model as .module
+
+
+def _named_full(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full parameters one at a time (gathered under ZeRO-3), detached copies."""
+    for name, p in _unwrap(model).named_parameters():
+        with _gathered([p]):
+            yield name, p.detach().clone()
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO-2/3 via ``deepspeed.initialize`` around an unwrapped HF-style model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lcfg: LearnerConfig,
+        ocfg: OptimConfig,
+        device: torch.device,
+        total_steps: int | None = None,
+    ) -> None:
+        deepspeed = _import_deepspeed(device)
+        self.device = device
+        optimizer = build_optimizer(model.parameters(), ocfg)
+        scheduler = build_scheduler(optimizer, ocfg, total_steps)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model.to(device),
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(lcfg, ocfg, device),
+            dist_init_required=False,
+        )
+        self.module = self.ds
+        self.grad_factor = float(dist.get_world_size())
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.ds.step()  # boundary: finalize grads, clip, AdamW, LR schedule, zero grads
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def named_full_params(
+        self, dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, full in _named_full(self.ds):
+            yield name, full if dtype is None else full.to(dtype)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, full in _named_full(self.ds):
+            if dist.get_rank() == 0:
+                out[name] = full.cpu()
+        return out
+
+    def save(self, path: str, frozen: dict[str, nn.Module]) -> None:
+        self.ds.save_checkpoint(path, tag=CHECKPOINT_TAG)
+        for key, m in frozen.items():
+            state = {name: t.cpu() for name, t in _named_full(m)}
+            if dist.get_rank() == 0:
+                torch.save(state, os.path.join(path, f"frozen_{key}.pt"))
+        dist.barrier()
+
+    def load(self, path: str, frozen: dict[str, nn.Module]) -> None:
+        if not os.path.isdir(os.path.join(path, CHECKPOINT_TAG)):
+            raise FileNotFoundError(
+                f"{path!r} is not a DeepSpeed learner checkpoint: "
+                f"{os.path.join(path, CHECKPOINT_TAG)!r} is missing"
+            )
+        load_path, _ = self.ds.load_checkpoint(
+            path, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path!r}")
+        for key, m in frozen.items():
+            file = os.path.join(path, f"frozen_{key}.pt")
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"checkpoint {path!r} lacks the frozen model {file!r}")
+            _load_full(m, torch.load(file, weights_only=True))
+
+    def copy_params_to(self, frozen: nn.Module) -> None:
+        _load_full(frozen, dict(_named_full(self.ds)))
+
+
+def _load_full(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors ``state`` into ``model``'s (possibly ZeRO-3 partitioned) parameters."""
+    with torch.no_grad():
+        for name, p in _unwrap(model).named_parameters():
+            if name not in state:
+                raise KeyError(f"frozen model parameter {name!r} missing from the saved state")
+            with _gathered([p], modifier_rank=0):
+                p.data.copy_(state[name].to(p.device, p.dtype))
+
+
+def build_frozen_deepspeed(
+    model: nn.Module, lcfg: LearnerConfig, device: torch.device
+) -> nn.Module:
+    """A forward-only copy: ZeRO-3 partitioned (params offloaded to CPU with
+    ``reference_offload`` on GPU) or, under ZeRO-2, a replicated module in the compute dtype."""
+    model.requires_grad_(False)
+    if lcfg.zero_stage != 3:
+        return model.to(device, compute_dtype(lcfg, device)).eval()
+    deepspeed = _import_deepspeed(device)
+    config = deepspeed_config(lcfg, None, device, offload_params=lcfg.reference_offload)
+    engine, *_ = deepspeed.initialize(
+        model=model.to(device), config=config, dist_init_required=False
+    )
+    engine.eval()  # DeepSpeedEngine.eval() returns None
+    return engine
