@@ -102,10 +102,12 @@ class ProxyKDConfig(_Strict):
     """Proxy-KD (SPEC §3): proxy SFT, iterative DPO, then student distillation."""
 
     proxy: ModelSpec | None = None
+    ranks: int = Field(1, ge=1)  # learner ranks of the proxy (its rollout: rollout.num_workers)
     sft_fraction: float = Field(0.1, gt=0, lt=1)
     dpo_fraction: float = Field(0.2, gt=0, lt=1)
     dpo_iterations: int = Field(2, ge=1)
     dpo_beta: float = Field(0.1, gt=0)
+    dpo_sft_weight: float = Field(1.0, ge=0)  # weight of -logp(chosen) in the DPO loss
     dpo_temperature: float = Field(1.0, gt=0)
     dpo_top_p: float = Field(0.8, gt=0, le=1)
     alpha: float = Field(1.0, ge=0)
@@ -164,8 +166,9 @@ class RolloutConfig(_Strict):
     gpu_memory_utilization: float = Field(0.7, gt=0, le=1)
     kv_cache_memory_bytes: int | None = Field(None, gt=0)  # CPU: bound vLLM's KV cache
     max_num_seqs: int = Field(256, ge=1)
+    cpus_per_worker: float | None = Field(None, gt=0)  # None: GPU 1; CPU a share of the cores
     enforce_eager: bool = False
-    weight_sync: Literal["auto", "object_store", "nccl"] = "auto"
+    weight_sync: Literal["auto", "object_store", "nccl", "gloo"] = "auto"
     bucket_bytes: int = Field(256 * 2**20, gt=0)
     sleep_when_idle: bool = False  # colocated placement: vLLM sleeps while learners train
 
@@ -232,6 +235,9 @@ class ClusterConfig(_Strict):
     gpus_per_node: int = Field(0, ge=0)
     cpus_per_node: int = Field(2, ge=1)
     placement: Literal["colocated", "disaggregated"] = "disaggregated"
+    log_to_driver: bool = (
+        True  # stream the actors' stdout/stderr (vLLM, transformers) to the driver
+    )
 
 
 class WandbConfig(_Strict):
@@ -250,6 +256,72 @@ class TrainerConfig(_Strict):
     wandb: WandbConfig = WandbConfig()
 
 
+class EvalSetSpec(_Strict):
+    """One eval set. ``preset`` (lmsys | dolly | selfinst | vicuna) supplies the keys of its
+    public schema; a key set here overrides the preset's. Keys may be dotted paths
+    (``instances.0.output``). See :mod:`gad_ray.eval.sets`."""
+
+    path: str
+    name: str | None = None  # default: the preset, else the file stem
+    preset: Literal["lmsys", "dolly", "selfinst", "vicuna"] | None = None
+    format: Literal["auto", "jsonl", "parquet", "hf_disk", "hub"] = "auto"
+    split: str = "test"
+    prompt_key: str | None = None  # a string or a list of {role, content} messages
+    input_key: str | None = None  # extra input appended to the prompt (Dolly context)
+    reference_key: str | None = None  # the judge's reference answer
+    teacher_key: str | None = None  # the teacher response (n-gram F1 / ROUGE-L, teacher row)
+    category_key: str | None = None
+    reference: Literal["set", "judge"] | None = None  # default: eval.judge.reference
+    limit: int | None = Field(None, gt=0)
+
+
+class EvalModelSpec(_Strict):
+    """A model to evaluate: a checkpoint directory, hub name or ``tiny:`` spec."""
+
+    path: str
+    name: str | None = None  # default: the directory name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+class JudgeConfig(_Strict):
+    """An LLM judge behind an OpenAI-compatible API, MT-Bench single-answer grading."""
+
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    system_prompt: str | None = "You are a helpful assistant."
+    template: str | None = None  # None: gad_ray.eval.judge.DEFAULT_TEMPLATE
+    reference: Literal["set", "judge"] = "set"  # judge: the judge answers the question first
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(1024, gt=0)
+    concurrency: int = Field(16, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    max_retries: int = Field(8, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class EvalConfig(_Strict):
+    """``gad-eval``: generate with each model on each set, judge, report (SPEC §4)."""
+
+    models: list[EvalModelSpec] = []
+    sets: list[EvalSetSpec] = []
+    teacher: Literal["none", "set", "api"] = "set"  # the teacher row: the set's, or teacher.api
+    teacher_name: str = "teacher"
+    judge: JudgeConfig = JudgeConfig()
+    temperature: float = Field(0.0, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(1536, gt=0)
+    ngram: int = Field(1, ge=1)  # n of the n-gram overlap F1
+    output_dir: str | None = None  # default: <trainer.run_dir>/eval
+    cache_path: str | None = (
+        None  # judge + teacher API cache; default: <output_dir>/api_cache.sqlite
+    )
+
+
 class Config(_Strict):
     """The composed, validated configuration of one run."""
 
@@ -264,6 +336,7 @@ class Config(_Strict):
     fetch: FetchConfig = FetchConfig()
     cluster: ClusterConfig = ClusterConfig()
     trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _combinations(self) -> Config:
@@ -323,6 +396,11 @@ def _combination_problems(cfg: Config):
         )
     if cfg.cluster.gpus_per_node == 0 and cfg.rollout.weight_sync == "nccl":
         yield "rollout.weight_sync=nccl needs GPUs (cluster.gpus_per_node=0)"
+    if cfg.cluster.placement == "colocated" and cfg.rollout.weight_sync == "nccl":
+        yield (
+            "rollout.weight_sync=nccl with cluster.placement=colocated: NCCL cannot broadcast "
+            "between processes on the same GPU (use object_store or auto)"
+        )
 
 
 def _format_error(err: ValidationError) -> str:

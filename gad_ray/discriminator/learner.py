@@ -39,6 +39,7 @@ from gad_ray.learner.generator import master_dtype
 from gad_ray.learner.group import LearnerGroup
 from gad_ray.learner.worker import LearnerWorker
 from gad_ray.models.loading import load_tokenizer, model_max_context
+from gad_ray.placement import RolePlacement
 
 
 def _check_batch(batch: TokenBatch, name: str, method: str) -> None:
@@ -149,6 +150,7 @@ class DiscriminatorGroup(LearnerGroup):
         model_path: str | None = None,
         total_steps: int | None = None,
         cpus_per_rank: int = 1,
+        placement: RolePlacement | None = None,
     ) -> None:
         """``model_path`` defaults to ``model.discriminator.path`` (``student``: the student's
         checkpoint). The discriminator's tokenizer must equal the student's (checked here)."""
@@ -162,6 +164,7 @@ class DiscriminatorGroup(LearnerGroup):
             cfg.learner.discriminator_ranks,
             "discriminator",
             cpus_per_rank,
+            placement=placement,
             model_path=path,
             tokenizer_path=student.tokenizer or student.path,
             total_steps=total_steps,

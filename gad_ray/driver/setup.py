@@ -14,6 +14,7 @@ from gad_ray.config.schema import Config
 from gad_ray.data.dataset import load_examples
 from gad_ray.data.loader import StepLoader
 from gad_ray.data.tokenize import TokenizedExample, encode_response, tokenize_examples
+from gad_ray.placement import RolePlacement, plan_placement, release
 from gad_ray.teacher.fetcher import TeacherError
 
 
@@ -21,33 +22,92 @@ def init_ray(cfg: Config) -> None:
     """Join the configured (or running) Ray cluster, or start a local one sized for the roles."""
     if ray.is_initialized():
         return
+    quiet = {"log_to_driver": cfg.cluster.log_to_driver}
     if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address)
+        ray.init(address=cfg.cluster.address, **quiet)
         return
     if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`
-        ray.init()
+        ray.init(**quiet)
         return
-    # Local debug mode: logical CPUs may exceed the cores; each role actor asks for one.
-    roles = cfg.rollout.num_workers + cfg.learner.generator_ranks + cfg.learner.discriminator_ranks
+    # Local debug mode: logical CPUs may exceed the cores (the phases of a step run in turn).
+    roles = cfg.rollout.num_workers * cpus_per_rollout_worker(cfg) + cpu_threads_per_rank(cfg) * (
+        cfg.learner.generator_ranks + cfg.learner.discriminator_ranks
+    )
     ray.init(
         num_cpus=max(os.cpu_count() or 1, roles + 1),
         include_dashboard=False,
         num_gpus=cfg.cluster.gpus_per_node or None,
+        **quiet,
     )
 
 
-def build_roles(cfg: Config, student_path: str, total_steps: int) -> tuple[Any, Any, Any]:
-    """The rollout group, the generator group and (GAD only) the discriminator group."""
+def cpu_threads_per_rank(cfg: Config) -> int:
+    """Torch threads (= logical CPUs asked of Ray) per learner rank: on a CPU-only cluster the
+    roles take turns, so each rank may use its share of a node's cores; on GPU nodes 1."""
+    if cfg.cluster.gpus_per_node > 0:
+        return 1
+    ranks = max(cfg.learner.generator_ranks, cfg.learner.discriminator_ranks)
+    return max(1, cfg.cluster.cpus_per_node // ranks)
+
+
+def cpus_per_rollout_worker(cfg: Config) -> float:
+    """``rollout.cpus_per_worker``, or on a CPU-only cluster each worker's share of the cores
+    (a vLLM-CPU engine runs as many threads as it gets CPUs)."""
+    if cfg.rollout.cpus_per_worker is not None:
+        return cfg.rollout.cpus_per_worker
+    if cfg.cluster.gpus_per_node > 0:
+        return 1
+    return max(1, cfg.cluster.cpus_per_node // cfg.rollout.num_workers)
+
+
+def build_roles(cfg: Config, student_path: str, total_steps: int) -> Roles:
+    """The rollout group, the generator group and (GAD only) the discriminator group, placed
+    in the resource pools of ``cluster.placement`` on GPU clusters."""
     from gad_ray.discriminator.learner import DiscriminatorGroup
     from gad_ray.learner.generator import GeneratorGroup
     from gad_ray.rollout.group import RolloutGroup
 
-    rollout = RolloutGroup(cfg, student_path)
-    generator = GeneratorGroup(cfg, student_path, total_steps=total_steps)
-    discriminator = None
-    if cfg.algorithm.uses_discriminator:
-        discriminator = DiscriminatorGroup(cfg, student_path=student_path, total_steps=total_steps)
-    return rollout, generator, discriminator
+    pools = plan_placement(cfg) if cfg.cluster.gpus_per_node > 0 else {}
+    threads = cpu_threads_per_rank(cfg)
+    roles = Roles(pools=pools)
+    try:
+        roles.rollout = RolloutGroup(
+            cfg, student_path, cpus_per_rollout_worker(cfg), pools.get("rollout")
+        )
+        roles.generator = GeneratorGroup(
+            cfg,
+            student_path,
+            total_steps=total_steps,
+            cpus_per_rank=threads,
+            placement=pools.get("generator"),
+        )
+        if cfg.algorithm.uses_discriminator:
+            roles.discriminator = DiscriminatorGroup(
+                cfg,
+                total_steps=total_steps,
+                cpus_per_rank=threads,
+                placement=pools.get("discriminator"),
+            )
+    except BaseException:
+        roles.shutdown()
+        raise
+    return roles
+
+
+@dataclasses.dataclass
+class Roles:
+    """The role groups of a run and the resource pools they live in."""
+
+    pools: dict[str, RolePlacement]
+    rollout: Any = None
+    generator: Any = None
+    discriminator: Any = None
+
+    def shutdown(self) -> None:
+        for group in (self.rollout, self.generator, self.discriminator):
+            if group is not None:
+                group.shutdown()
+        release(self.pools)
 
 
 class TeacherData:

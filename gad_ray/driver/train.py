@@ -46,12 +46,18 @@ class Trainer:
         self.data = TeacherData(cfg, self.tokenizer, self.run_dir)
         self.eval_set = load_eval_set(cfg, self.tokenizer)
         self.warmup_steps, self.total_steps = stage_lengths(cfg, self.data.steps_per_epoch)
-        self.rollout, self.generator, self.discriminator = build_roles(
-            cfg, self.student_path, self.total_steps
-        )
+        try:
+            self.roles = build_roles(cfg, self.student_path, self.total_steps)
+        except BaseException:
+            self.data.shutdown()  # the fetcher actor, if any
+            raise
+        self.rollout = self.roles.rollout
+        self.generator = self.roles.generator
+        self.discriminator = self.roles.discriminator
         self.times: dict[str, float] = {}
         self.stop_requested = False
         self.rollout_stale = False  # G changed since the rollout workers last got its weights
+        self.rollout_asleep = False
 
     # ---------------------------------------------------------------------------------------
     # Algorithm 1
@@ -166,7 +172,7 @@ class Trainer:
     ) -> tuple[TokenBatch, torch.Tensor, list[Sample]]:
         """n samples per prompt from G; returns the student batch and each sample's prompt row."""
         g = self.alg.grpo
-        self.sync_weights()
+        self.wake_rollout()
         with self.timer("generate"):
             samples = self.rollout.generate(
                 [e.prompt_ids for e in examples],
@@ -176,6 +182,7 @@ class Trainer:
                 self.cfg.data.max_response_length,
                 seed=self.cfg.seed * 100_003 + step,
             )
+        self.sleep_rollout()
         pairs = torch.tensor([s.prompt_index for s in samples], dtype=torch.long)
         student = make_batch(
             [examples[s.prompt_index].prompt_ids for s in samples],
@@ -183,6 +190,22 @@ class Trainer:
             self.tokenizer.pad_token_id,
         )
         return student, pairs, samples
+
+    def wake_rollout(self) -> None:
+        """Colocated placement: wake vLLM's weights, push G's new weights, then its KV cache."""
+        if self.rollout_asleep:
+            self.rollout.wake_up(["weights"])
+        self.sync_weights()
+        if self.rollout_asleep:
+            self.rollout.wake_up(["kv_cache"])
+            self.rollout_asleep = False
+
+    def sleep_rollout(self) -> None:
+        """Colocated placement: free vLLM's GPU memory while the learners train."""
+        if self.cfg.rollout.sleep_when_idle:
+            with self.timer("sleep"):
+                self.rollout.sleep()
+            self.rollout_asleep = True
 
     def sync_weights(self) -> None:
         """Push G's weights to the rollout workers if G changed since the last push."""
@@ -200,14 +223,14 @@ class Trainer:
     def log_eval(self, logger: MetricsLogger, label: str, step: int) -> None:
         if self.eval_set is None:
             return
-        self.sync_weights()
+        self.wake_rollout()
         scores = self.eval_set.evaluate(self.rollout, self.cfg.data.max_response_length)
         logger.log_event(step, label, scores)
 
     # ---------------------------------------------------------------------------------------
     # checkpoints, resume, failures
 
-    def roles(self) -> dict[str, Any]:
+    def learners(self) -> dict[str, Any]:
         roles = {"generator": self.generator}
         if self.discriminator is not None:
             roles["discriminator"] = self.discriminator
@@ -216,7 +239,7 @@ class Trainer:
     def save(self, step: int) -> Path:
         ckpt = st.checkpoint_dir(self.run_dir, step)
         ckpt.mkdir(parents=True, exist_ok=True)
-        for name, group in self.roles().items():
+        for name, group in self.learners().items():
             group.save_checkpoint(str(ckpt / name))
         st.write_trainer_state(
             ckpt, {"step": step, "data": self.data.state_dict(), "rng": st.rng_state()}
@@ -229,7 +252,7 @@ class Trainer:
         if ckpt is None:
             return 0
         state = st.read_trainer_state(ckpt)
-        for name, group in self.roles().items():
+        for name, group in self.learners().items():
             group.load_checkpoint(str(ckpt / name))
         self.data.load_state_dict(state["data"])
         st.set_rng_state(state["rng"])
@@ -275,9 +298,8 @@ class Trainer:
         )
 
     def shutdown(self) -> None:
-        for group in (self.rollout, self.generator, self.discriminator, self.data):
-            if group is not None:
-                group.shutdown()
+        self.roles.shutdown()
+        self.data.shutdown()
 
 
 def stage_lengths(cfg: Config, steps_per_epoch: int) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from gad_ray.algorithms import (
     kl_penalty,
     loss_denominator,
     ppo_clip_loss,
+    proxy_kd_loss_topk,
     sft_loss_mat,
     token_logprobs,
 )
@@ -167,6 +168,37 @@ class GeneratorWorker(LearnerWorker):
 
         return self.train_step(batch, plan, loss_fn)
 
+    def train_distill(
+        self,
+        batch: TokenBatch,
+        plan: list[list[int]],
+        top_logp: torch.Tensor,
+        top_ids: torch.Tensor,
+        weights: torch.Tensor,
+        alpha: float,
+        token_den: float,
+        seq_den: float,
+    ) -> dict[str, float]:
+        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
+            t, dev = mb.input_ids.shape[1], self.device
+            logits = self.engine.module(
+                input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
+            ).logits[:, :-1]
+            loss, m = proxy_kd_loss_topk(
+                logits,
+                top_logp[rows, 1:t].to(dev),
+                top_ids[rows, 1:t].to(dev),
+                mb.input_ids[:, 1:],
+                mb.response_mask[:, 1:],
+                weights[rows].to(dev),
+                alpha,
+                token_den,
+                seq_den,
+            )
+            return loss, {"ce": m["ce"], "kd": m["kd"], "loss": loss.item()}
+
+        return self.train_step(batch, plan, loss_fn)
+
     def reset_reference(self) -> None:
         if self.reference is None:
             raise RuntimeError("reset_reference: this generator learner holds no reference policy")
@@ -189,9 +221,11 @@ class GeneratorWorker(LearnerWorker):
             for _ in named:
                 pass
             return {}
-        from gad_ray.rollout.weight_sync import send_weights
+        from gad_ray.rollout.weight_sync import resolve_sync_method, send_weights
 
-        return send_weights(named, rollout_workers, rcfg.bucket_bytes, rcfg.weight_sync)
+        colocated = self.cfg.cluster.placement == "colocated"
+        method = resolve_sync_method(rcfg.weight_sync, colocated)
+        return send_weights(named, rollout_workers, rcfg.bucket_bytes, method)
 
     def save_pretrained(self, path: str) -> None:
         state = self.engine.full_state_dict()
@@ -270,6 +304,45 @@ class GeneratorGroup(LearnerGroup):
         num_tokens = float(batch.response_mask.sum())
         return self.run_batch(
             "train_grpo", batch, advantages.float(), old_logprobs, den, num_tokens
+        )[0]
+
+    def train_distill(
+        self,
+        batch: TokenBatch,
+        top_logp: torch.Tensor,
+        top_ids: torch.Tensor,
+        weights: torch.Tensor,
+        alpha: float,
+    ) -> dict[str, float]:
+        """One optimizer step of the Proxy-KD student loss (SPEC §3) on teacher-forced rows:
+        token-mean CE + ``alpha`` * sample-weighted top-k KL to the proxy.
+
+        ``top_logp``/``top_ids`` [B, T, k] are the proxy's renormalised top-k log-probs and ids
+        of the distribution each token is drawn from (aligned with ``input_ids``, see
+        ``ProxyGroup.topk``); ``weights`` [B] the sample weights. Returns ``ce``, ``kd`` (the
+        weighted KL term before ``alpha``) and ``loss``, plus the step's usual metrics.
+        """
+        method = "GeneratorGroup.train_distill"
+        _check_batch(batch, method)
+        b, t = batch.input_ids.shape
+        if top_logp.shape[:2] != (b, t) or top_ids.shape != top_logp.shape:
+            raise ValueError(
+                f"{method}: top_logp {tuple(top_logp.shape)} and top_ids "
+                f"{tuple(top_ids.shape)} must both be [B, T, k] with [B, T] = {(b, t)}"
+            )
+        if weights.shape != (b,):
+            raise ValueError(f"{method}: weights has shape {tuple(weights.shape)}, expected [{b}]")
+        token_den = loss_denominator(batch.response_mask, "token-mean")
+        seq_den = loss_denominator(batch.response_mask, "seq-mean-token-mean")
+        return self.run_batch(
+            "train_distill",
+            batch,
+            top_logp.float(),
+            top_ids.long(),
+            weights.float(),
+            alpha,
+            token_den,
+            seq_den,
         )[0]
 
     def reset_reference(self) -> None:

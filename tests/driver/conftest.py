@@ -1,15 +1,21 @@
+import os
+
 import pytest
 import ray
 
 from gad_ray.config.hydra_app import compose
+
+# Actors inherit the environment Ray was started with: a teacher key must be set before.
+TEACHER_KEY_ENV = "GAD_TEST_TEACHER_KEY"
+os.environ.setdefault(TEACHER_KEY_ENV, "sk-test-outage")
 
 
 def tiny_overrides(run_dir, *extra: str) -> list[str]:
     """A GAD run small enough for CPU tests: 4 prompts x 2 samples, 2 warmup + 2 GAD steps."""
     return [
         "model=tiny",
-        "data.train_path=synthetic:train?n=16&seed=0",
-        "data.eval_path=synthetic:eval?n=8&seed=1",
+        "data.train_path='synthetic:train?n=16&seed=0'",
+        "data.eval_path='synthetic:eval?n=8&seed=1'",
         "data.max_prompt_length=64",
         "data.max_response_length=12",
         "data.prompts_per_step=4",
@@ -27,7 +33,7 @@ def tiny_overrides(run_dir, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(num_cpus=8, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -15,7 +15,7 @@ from gad_ray.driver.metrics import read_metrics
 from gad_ray.driver.train import Trainer, TrainingAborted
 from gad_ray.synthetic.server import start_server_thread
 
-from .conftest import tiny_overrides
+from .conftest import TEACHER_KEY_ENV, tiny_overrides
 
 
 def test_config_errors_are_caught_before_any_actor_starts(make_cfg):
@@ -43,8 +43,7 @@ def test_dead_actor_ends_the_run_naming_the_role_and_the_checkpoint(ray_session,
 def test_teacher_outage_ends_the_run_with_a_resumable_checkpoint(ray_session, tmp_path):
     from gad_ray.config.hydra_app import compose
 
-    os.environ["GAD_TEST_TEACHER_KEY"] = "sk-test-outage"
-    server = start_server_thread(api_key="sk-test-outage")
+    server = start_server_thread(api_key=os.environ[TEACHER_KEY_ENV])
     cfg = compose(
         tiny_overrides(
             tmp_path / "run",
@@ -73,7 +72,7 @@ def test_teacher_outage_ends_the_run_with_a_resumable_checkpoint(ray_session, tm
     finally:
         trainer.shutdown()
     assert "step_00000001" in str(err.value)
-    assert "sk-test-outage" not in str(err.value)
+    assert os.environ[TEACHER_KEY_ENV] not in str(err.value)
 
 
 def test_ctrl_c_saves_and_exits_then_resume_finishes(tmp_path):

@@ -1,0 +1,79 @@
+"""RolloutGroup: N rollout workers (Ray actors) that the driver sees as one generator."""
+
+import ray
+
+from gad_ray.config.schema import Config
+from gad_ray.data.batch import balanced_partition
+from gad_ray.models.loading import VLLM_CPU_ENV
+from gad_ray.placement import RolePlacement
+from gad_ray.rollout.hf_worker import HFRolloutWorker
+from gad_ray.rollout.types import Sample
+from gad_ray.rollout.vllm_worker import RolloutWorker
+
+
+class RolloutGroup:
+    """Owns ``cfg.rollout.num_workers`` workers of ``cfg.rollout.backend`` (``vllm`` | ``hf``).
+
+    ``generate`` splits a batch across the workers (balanced by prompt length + max_tokens,
+    each sample's token count) and returns the samples prompt-major in prompt order.
+    ``workers`` are the actor handles for :func:`gad_ray.rollout.weight_sync.send_weights`.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        model_path: str,
+        num_cpus_per_worker: float = 1.0,
+        placement: RolePlacement | None = None,
+    ):
+        """``placement`` (from :func:`gad_ray.placement.plan_placement`) pins worker i to its
+        GPUs in the shared pool; without it each worker asks Ray for its GPUs directly."""
+        rc = cfg.rollout
+        on_gpu = cfg.cluster.gpus_per_node > 0
+        if placement is None:
+            num_gpus = rc.gpus_per_worker or (rc.tensor_parallel_size if on_gpu else 0)
+            placement = RolePlacement(num_gpus, num_cpus_per_worker)
+        cls = RolloutWorker if rc.backend == "vllm" else HFRolloutWorker
+        env = {"env_vars": {} if on_gpu else dict(VLLM_CPU_ENV)}
+        spec = cfg.model.student
+        self.cfg = cfg
+        self.workers = [
+            ray.remote(cls)
+            .options(runtime_env=env, **placement.options(i))
+            .remote(model_path, rc, spec.dtype, spec.max_context, cfg.seed + i)
+            for i in range(rc.num_workers)
+        ]
+        self.info = ray.get([w.health.remote() for w in self.workers])  # waits for start-up
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        seed: int | None = None,
+    ) -> list[Sample]:
+        """``n`` samples per prompt; prompt i's samples at ``[i*n:(i+1)*n]``."""
+        parts = balanced_partition([len(p) + max_tokens for p in prompt_ids], len(self.workers))
+        refs = [
+            w.generate.remote(
+                [prompt_ids[i] for i in part], n, temperature, top_p, max_tokens, seed, part
+            )
+            for w, part in zip(self.workers, parts, strict=True)
+            if part
+        ]
+        samples = [s for batch in ray.get(refs) for s in batch]
+        return sorted(samples, key=lambda s: s.prompt_index)  # stable: sample order kept
+
+    def sleep(self, level: int = 1) -> list[dict]:
+        """Put every worker to sleep; each reply says whether sleep mode is supported."""
+        return ray.get([w.sleep.remote(level) for w in self.workers])
+
+    def wake_up(self, tags: list[str] | None = None) -> list[dict]:
+        return ray.get([w.wake_up.remote(tags) for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []

@@ -1,0 +1,149 @@
+"""HFRolloutWorker: the RolloutWorker interface on transformers ``generate`` (``rollout=hf``),
+for machines without vLLM. Slower (one prompt at a time, n samples batched), same results
+contract: raw per-token logprobs of the sampled tokens, ``stop`` / ``length``, per-prompt seeds.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from gad_ray.config.schema import RolloutConfig
+from gad_ray.models.loading import load_causal_lm
+from gad_ray.rollout.types import Sample, check_request
+from gad_ray.rollout.vllm_worker import resolve_dtype
+from gad_ray.rollout.weight_sync import (
+    Meta,
+    broadcast,
+    bucket_nbytes,
+    join_weight_group,
+    unpack_bucket,
+)
+
+
+class HFRolloutWorker:
+    """A transformers causal LM serving ``generate`` and receiving weight updates."""
+
+    def __init__(
+        self,
+        model_path: str,
+        cfg: RolloutConfig,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        seed: int = 0,
+    ):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dt = getattr(torch, resolve_dtype(dtype, self.device.type == "cuda"))
+        self.model_path = model_path
+        self.model = load_causal_lm(model_path, dtype=dt).to(self.device).eval()
+        config = self.model.config
+        self.max_model_len = max_model_len or config.max_position_embeddings
+        self.vocab_size = config.vocab_size
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else min(self.eos_ids)
+        self.params = dict(self.model.state_dict(keep_vars=True))
+        self.group: dist.ProcessGroup | None = None
+        self.seed = seed
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        seed: int | None = None,
+        prompt_indices: list[int] | None = None,
+    ) -> list[Sample]:
+        """``n`` samples per prompt, prompt-major; prompt ``i`` uses seed ``seed + index``."""
+        check_request(
+            prompt_ids,
+            n,
+            temperature,
+            top_p,
+            max_tokens,
+            self.max_model_len,
+            self.vocab_size,
+            prompt_indices,
+        )
+        indices = list(range(len(prompt_ids))) if prompt_indices is None else prompt_indices
+        samples = []
+        for i, ids in zip(indices, prompt_ids, strict=True):
+            torch.manual_seed(self.seed if seed is None else seed + i)
+            budget = min(max_tokens, self.max_model_len - len(ids))
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            out = self.model.generate(
+                torch.tensor([ids] * n, device=self.device),
+                attention_mask=torch.ones(n, len(ids), dtype=torch.long, device=self.device),
+                max_new_tokens=budget,
+                min_new_tokens=0,
+                eos_token_id=sorted(self.eos_ids),
+                pad_token_id=self.pad_id,
+                return_dict_in_generate=True,
+                output_logits=True,
+                **(sampling if temperature > 0 else {"do_sample": False}),
+            )
+            new = out.sequences[:, len(ids) :]
+            logps = torch.stack(out.logits, 1).float().log_softmax(-1)
+            logps = logps.gather(-1, new[:, : logps.shape[1], None]).squeeze(-1)
+            for row, lp in zip(new.tolist(), logps.tolist(), strict=True):
+                end = next((k + 1 for k, t in enumerate(row) if t in self.eos_ids), None)
+                reason = "length" if end is None else "stop"
+                end = end or len(row)
+                samples.append(Sample(i, row[:end], lp[:end], reason))
+        return samples
+
+    # -- weight sync ------------------------------------------------------------------------------
+
+    def weight_group_size(self) -> int:
+        return 1
+
+    def init_weight_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str
+    ) -> None:
+        self.group = join_weight_group(host, port, rank_offset, world_size, backend)
+
+    def begin_weight_update(self) -> None:
+        pass  # parameters are overwritten in place, bucket by bucket
+
+    @torch.no_grad()
+    def _load(self, metas: list[Meta], flat: torch.Tensor) -> None:
+        for name, t in unpack_bucket(metas, flat):
+            if name not in self.params:
+                raise KeyError(f"weight {name!r} is not a parameter of the rollout model")
+            self.params[name].copy_(t)
+
+    def receive_bucket(self, metas: list[Meta], flat: np.ndarray) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self._load(metas, torch.from_numpy(flat))
+
+    def receive_broadcast(self, metas: list[Meta]) -> None:
+        flat = torch.empty(bucket_nbytes(metas), dtype=torch.uint8, device=self.device)
+        broadcast(self.group, flat)
+        self._load(metas, flat)
+
+    def finish_weight_update(self) -> None:
+        pass  # no cache survives between generate calls
+
+    def sleep(self, level: int = 1) -> dict:
+        return {"supported": False, "reason": "the HF rollout backend has no sleep mode"}
+
+    def wake_up(self, tags: list[str] | None = None) -> dict:
+        return {"supported": False, "reason": "the HF rollout backend has no sleep mode"}
+
+    def health(self) -> dict:
+        return {
+            "backend": "hf",
+            "device": self.device.type,
+            "model": self.model_path,
+            "max_model_len": self.max_model_len,
+            "torch_threads": torch.get_num_threads(),
+            "tensor_parallel_size": 1,
+            "sleeping": [],
+            "sleep_supported": False,
+        }

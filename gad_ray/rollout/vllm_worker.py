@@ -1,0 +1,227 @@
+"""RolloutWorker: one vLLM engine inside a Ray actor.
+
+On CPU (the vllm-cpu build) the engine runs in-process (``VLLM_CPU_ENV``: no engine-core
+subprocess, ``uni`` executor, bounded KV cache, no OMP pinning). On GPU it uses
+``tensor_parallel_size`` GPUs of the actor (``uni`` executor for tp=1, ``mp`` above),
+``gpu_memory_utilization`` and, with ``sleep_when_idle``, vLLM's sleep mode.
+
+vLLM is imported inside the actor, after its environment is set.
+"""
+
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from gad_ray.config.schema import RolloutConfig
+from gad_ray.models.loading import VLLM_CPU_ENV, VLLM_CPU_LLM_KWARGS, model_max_context
+from gad_ray.rollout.types import Sample, check_request
+from gad_ray.rollout.weight_sync import Meta
+
+EXTENSION = "gad_ray.rollout.weight_sync.WeightSyncExtension"
+
+
+def resolve_dtype(dtype: str, on_gpu: bool) -> str:
+    """``auto`` -> bfloat16 on GPU, float32 on CPU."""
+    if dtype == "auto":
+        return "bfloat16" if on_gpu else "float32"
+    return dtype
+
+
+def engine_kwargs(
+    model_path: str, cfg: RolloutConfig, dtype: str, max_model_len: int | None, seed: int
+) -> dict:
+    """``vllm.LLM`` keyword arguments for this machine (CPU or GPU) and config."""
+    on_gpu = torch.cuda.is_available()
+    kw = {
+        "model": model_path,
+        "seed": seed,
+        "max_model_len": max_model_len,
+        "max_num_seqs": cfg.max_num_seqs,
+        "worker_extension_cls": EXTENSION,
+    }
+    if on_gpu:
+        tp = cfg.tensor_parallel_size
+        kw |= {
+            "tensor_parallel_size": tp,
+            "distributed_executor_backend": "uni" if tp == 1 else "mp",
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "enforce_eager": cfg.enforce_eager,
+            "enable_sleep_mode": cfg.sleep_when_idle,
+        }
+    else:
+        if cfg.tensor_parallel_size != 1:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={cfg.tensor_parallel_size}: the CPU build runs "
+                "one in-process engine per worker; use rollout.num_workers to scale on CPU"
+            )
+        kw |= VLLM_CPU_LLM_KWARGS
+        # vllm-cpu 0.32 crashes on seeded requests whose prefill is chunked ("CPU Generator
+        # does not use offset"): schedule whole prompts only.
+        context = max_model_len or model_max_context(model_path) or 0
+        kw |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, context)}
+    if cfg.kv_cache_memory_bytes is not None:
+        kw["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+    kw["dtype"] = resolve_dtype(dtype, on_gpu)
+    return kw
+
+
+class RolloutWorker:
+    """A vLLM engine serving ``generate`` and receiving weight updates (wrap with ``ray.remote``).
+
+    Bad requests raise ValueError naming the prompt and the limit; the actor keeps serving.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        cfg: RolloutConfig,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        seed: int = 0,
+    ):
+        self.on_gpu = torch.cuda.is_available()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if not self.on_gpu:
+            os.environ.update(VLLM_CPU_ENV)
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory_bytes
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.model_path = model_path
+        self.cfg = cfg
+        self.llm = LLM(**engine_kwargs(model_path, cfg, dtype, max_model_len, seed))
+        model_config = self.llm.llm_engine.model_config
+        self.max_model_len = model_config.max_model_len
+        self.vocab_size = model_config.get_vocab_size()
+        self.tp_size = cfg.tensor_parallel_size if self.on_gpu else 1
+        if not self.on_gpu or not current_platform.is_sleep_mode_available():
+            self.sleep_unsupported = (
+                f"vLLM sleep mode is not available on {current_platform.device_type}"
+            )
+        elif not cfg.sleep_when_idle:
+            self.sleep_unsupported = (
+                "rollout.sleep_when_idle=false (engine built without sleep mode)"
+            )
+        else:
+            self.sleep_unsupported = ""
+        self.sleeping: list[str] = []  # what is asleep: "weights", "kv_cache"
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        seed: int | None = None,
+        prompt_indices: list[int] | None = None,
+    ) -> list[Sample]:
+        """``n`` samples per prompt, prompt-major. Prompt ``i`` is sampled with seed
+        ``seed + prompt_indices[i]``, so results do not depend on how a batch is split.
+        ``temperature=0`` is greedy (its one result repeated ``n`` times)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        check_request(
+            prompt_ids,
+            n,
+            temperature,
+            top_p,
+            max_tokens,
+            self.max_model_len,
+            self.vocab_size,
+            prompt_indices,
+        )
+        if self.sleeping:
+            raise RuntimeError(f"rollout worker is asleep ({self.sleeping}); call wake_up first")
+        indices = list(range(len(prompt_ids))) if prompt_indices is None else prompt_indices
+        copies = n if temperature == 0 else 1  # vLLM refuses n > 1 with greedy sampling
+        params = [
+            SamplingParams(
+                n=n // copies,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                seed=None if seed is None else seed + i,
+                logprobs=0,
+            )
+            for i in indices
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        samples = []
+        for i, out in zip(indices, outputs, strict=True):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"prompt {i}: vLLM finished with {c.finish_reason!r}")
+                ids = list(c.token_ids)
+                lps = [step[t].logprob for step, t in zip(c.logprobs, ids, strict=True)]
+                samples += [Sample(i, list(ids), list(lps), c.finish_reason) for _ in range(copies)]
+        return samples
+
+    # -- weight sync (see gad_ray.rollout.weight_sync) -----------------------------------------
+
+    def weight_group_size(self) -> int:
+        """Ranks this worker adds to a broadcast group (its tensor-parallel processes)."""
+        return self.tp_size
+
+    def init_weight_group(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str
+    ) -> None:
+        self.llm.collective_rpc(
+            "gad_join_group", args=(host, port, rank_offset, world_size, backend)
+        )
+
+    def begin_weight_update(self) -> None:
+        self.llm.collective_rpc("gad_begin_update")
+
+    def receive_bucket(self, metas: list[Meta], flat: np.ndarray) -> None:
+        """Load one bucket (a read-only array straight from the object store)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(flat)
+        self.llm.collective_rpc("gad_load_bucket", args=(metas, tensor))
+
+    def receive_broadcast(self, metas: list[Meta]) -> None:
+        self.llm.collective_rpc("gad_recv_broadcast", args=(metas,))
+
+    def finish_weight_update(self) -> None:
+        """Process the loaded weights and drop every cached prefix of the old model."""
+        self.llm.collective_rpc("gad_finish_update")
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+    # -- sleep / wake (colocated placement) -----------------------------------------------------
+
+    def sleep(self, level: int = 1) -> dict:
+        """Free GPU memory (level 1: weights to CPU, KV cache dropped; level 2: both dropped).
+        A no-op where sleep mode is unavailable; the reply says which."""
+        if self.sleep_unsupported:
+            return {"supported": False, "reason": self.sleep_unsupported}
+        self.llm.sleep(level=level)
+        self.sleeping = ["weights", "kv_cache"]
+        return {"supported": True, "level": level}
+
+    def wake_up(self, tags: list[str] | None = None) -> dict:
+        """Wake ``tags`` (``["weights"]`` before a weight sync, then ``["kv_cache"]``; all when
+        None)."""
+        if self.sleep_unsupported:
+            return {"supported": False, "reason": self.sleep_unsupported}
+        tags = tags or ["weights", "kv_cache"]
+        self.llm.wake_up(tags=tags)
+        self.sleeping = [t for t in self.sleeping if t not in tags]
+        return {"supported": True, "awake": tags}
+
+    def health(self) -> dict:
+        return {
+            "backend": "vllm",
+            "device": "cuda" if self.on_gpu else "cpu",
+            "model": self.model_path,
+            "max_model_len": self.max_model_len,
+            "torch_threads": torch.get_num_threads(),
+            "tensor_parallel_size": self.tp_size,
+            "sleeping": self.sleeping,
+            "sleep_supported": not self.sleep_unsupported,
+        }
