@@ -1,0 +1,1 @@
+"""Evaluation (SPEC §4): generation, LLM-judge scores, overlap diagnostics, the report."""

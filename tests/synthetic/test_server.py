@@ -12,7 +12,9 @@ from collections import Counter
 import openai
 import pytest
 
+from gad_ray.eval.judge import DEFAULT_TEMPLATE, judge_prompt, parse_rating
 from gad_ray.synthetic.server import (
+    NO_RATING_MARKER,
     UNKNOWN_PROMPT_ANSWER,
     RunningServer,
     ServerConfig,
@@ -105,6 +107,47 @@ def test_unknown_prompt_gets_polite_answer(server: RunningServer) -> None:
     r = client(server).chat.completions.create(model="m", messages=user("What is love?"))
     assert r.choices[0].message.content == UNKNOWN_PROMPT_ANSWER
     assert server.stats()["outcomes"] == {"unknown_prompt": 1}
+
+
+def test_fault_on_unknown_prompt_is_recorded_as_the_fault() -> None:
+    with start_server_thread(faults={"500": 1.0}) as server:
+        with pytest.raises(openai.InternalServerError):
+            client(server).chat.completions.create(model="m", messages=user("What is love?"))
+        assert server.stats()["outcomes"] == {"500": 1}
+
+
+@pytest.mark.parametrize(
+    ("question", "answer", "rating"),
+    [
+        ("Reverse the words: cat dog sun", "sun dog cat", 10),
+        ("Name a fruit that is red.", "cherry", 7),  # valid, not the most probable
+        ("Add the numbers: 1 2", "4", 1),
+        ("Sort the numbers: 3 1 2 4", "1 2 4", 4),  # word F1 6/7 with "1 2 3 4"
+        ("What is love?", "Baby don't hurt me", 10),  # no task: against the reference
+        ("What is love?", "A feeling", 1),
+    ],
+)
+def test_judge_prompt_gets_a_deterministic_rating(
+    server: RunningServer, question: str, answer: str, rating: int
+) -> None:
+    prompt = judge_prompt(DEFAULT_TEMPLATE, question, "Baby don't hurt me", answer)
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, *user(prompt)]
+    c = client(server)
+    replies = [
+        c.chat.completions.create(model="m", messages=messages, temperature=t)
+        .choices[0]
+        .message.content
+        for t in (0.0, 1.0)
+    ]
+    assert replies[0] == replies[1] and replies[0].endswith(f"Rating: [[{rating}]]")
+    assert parse_rating(replies[0]) == rating
+    assert server.stats()["outcomes"] == {"ok": 2}
+
+
+def test_judge_prompt_with_the_marker_gets_no_rating(server: RunningServer) -> None:
+    prompt = judge_prompt(DEFAULT_TEMPLATE, f"Copy the words: cat {NO_RATING_MARKER}", "cat", "cat")
+    r = client(server).chat.completions.create(model="m", messages=user(prompt))
+    assert r.choices[0].message.content and parse_rating(r.choices[0].message.content) is None
 
 
 def test_models_endpoint(server: RunningServer) -> None:
