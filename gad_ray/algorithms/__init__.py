@@ -5,10 +5,13 @@ from .losses import (
     bt_loss,
     dpo_loss,
     proxy_kd_loss,
+    proxy_kd_loss_topk,
     proxy_sample_weights,
+    proxy_topk,
     seq_mean_logp,
     sft_loss_mat,
     topk_kl,
+    topk_kl_from_targets,
 )
 from .policy import (
     AGG_MODES,
@@ -36,9 +39,12 @@ __all__ = [
     "loss_denominator",
     "ppo_clip_loss",
     "proxy_kd_loss",
+    "proxy_kd_loss_topk",
     "proxy_sample_weights",
+    "proxy_topk",
     "seq_mean_logp",
     "sft_loss_mat",
     "token_logprobs",
     "topk_kl",
+    "topk_kl_from_targets",
 ]

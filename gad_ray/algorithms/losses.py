@@ -134,6 +134,56 @@ def proxy_sample_weights(
     return torch.sigmoid((s - s.mean()) / (temp * std))
 
 
+def proxy_topk(proxy_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The proxy's top-k targets of each position: ``(log_p, ids)`` [..., k], where ``log_p`` is
+    the log-softmax over the k largest logits only (renormalised over those k ids), float32
+    (float64 stays float64), and ``ids`` their token ids. A constant (no gradient)."""
+    vocab = proxy_logits.shape[-1]
+    if not 0 < k <= vocab:
+        raise ValueError(f"k must be in [1, {vocab}], got {k}")
+    top, ids = proxy_logits.detach().topk(k, dim=-1)  # upcasting is exact: same order
+    return F.log_softmax(top.to(torch.promote_types(top.dtype, torch.float32)), dim=-1), ids
+
+
+def _topk_kl_rows(log_p: torch.Tensor, ids: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    x = student.to(torch.promote_types(student.dtype, torch.float32))
+    log_q = x.gather(-1, ids) - torch.logsumexp(x, dim=-1, keepdim=True)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def topk_kl_from_targets(
+    top_logp: torch.Tensor,
+    top_ids: torch.Tensor,
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``topk_kl`` from precomputed proxy targets ``proxy_topk(proxy_logits, k)`` [B, T, k]
+    (what a proxy learner ships to the student's ranks instead of [B, T, V] logits)."""
+    if top_logp.shape != top_ids.shape or top_logp.shape[:2] != student_logits.shape[:2]:
+        raise ValueError(
+            f"top_logp {tuple(top_logp.shape)} and top_ids {tuple(top_ids.shape)} must be "
+            f"[B, T, k] with [B, T] of student_logits {tuple(student_logits.shape)}"
+        )
+    if mask.shape != student_logits.shape[:2]:
+        raise ValueError(
+            f"mask {tuple(mask.shape)} does not match logits [B, T] "
+            f"{tuple(student_logits.shape[:2])}"
+        )
+    k, vocab = top_logp.shape[-1], student_logits.shape[-1]
+    rows = [
+        _topk_kl_rows(lp, ids, x)
+        for lp, ids, x in zip(
+            top_logp.detach().reshape(-1, k).split(chunk_size),
+            top_ids.reshape(-1, k).split(chunk_size),
+            student_logits.reshape(-1, vocab).split(chunk_size),
+            strict=True,
+        )
+    ]
+    kl = torch.cat(rows).reshape(mask.shape)
+    return torch.where(mask.bool(), kl, torch.zeros_like(kl))
+
+
 def topk_kl(
     proxy_logits: torch.Tensor,
     student_logits: torch.Tensor,
@@ -163,16 +213,17 @@ def topk_kl(
     if not 0 < k <= vocab:
         raise ValueError(f"k must be in [1, {vocab}], got {k}")
     rows = []
-    proxy = proxy_logits.detach().reshape(-1, vocab).split(chunk_size)
+    proxy = proxy_logits.reshape(-1, vocab).split(chunk_size)
     student = student_logits.reshape(-1, vocab).split(chunk_size)
     for p_chunk, s_chunk in zip(proxy, student, strict=True):
-        top, idx = p_chunk.to(torch.promote_types(p_chunk.dtype, torch.float32)).topk(k, dim=-1)
-        log_p = F.log_softmax(top, dim=-1)
-        x = s_chunk.to(torch.promote_types(s_chunk.dtype, torch.float32))
-        log_q = x.gather(-1, idx) - torch.logsumexp(x, dim=-1, keepdim=True)
-        rows.append((log_p.exp() * (log_p - log_q)).sum(-1))
+        rows.append(_topk_kl_rows(*proxy_topk(p_chunk, k), s_chunk))
     kl = torch.cat(rows).reshape(mask.shape)
     return torch.where(mask.bool(), kl, torch.zeros_like(kl))
+
+
+def _check_weights(weights: torch.Tensor, mask: torch.Tensor) -> None:
+    if weights.shape != mask.shape[:1]:
+        raise ValueError(f"weights {tuple(weights.shape)} must be [B] for mask {tuple(mask.shape)}")
 
 
 def proxy_kd_loss(
@@ -204,11 +255,43 @@ def proxy_kd_loss(
         (loss, metrics) with ``ce``, ``kd`` (the weighted KD term, before alpha) and
         ``weight_mean``.
     """
-    if weights.shape != mask.shape[:1]:
-        raise ValueError(f"weights {tuple(weights.shape)} must be [B] for mask {tuple(mask.shape)}")
+    if proxy_logits.dim() != 3 or proxy_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"proxy_logits {tuple(proxy_logits.shape)} and student_logits "
+            f"{tuple(student_logits.shape)} must both be [B, T, V] of the same shape (shared "
+            f"tokenizer)"
+        )
+    _check_weights(weights, mask)
+    top_logp, top_ids = proxy_topk(proxy_logits, k)
+    return proxy_kd_loss_topk(
+        student_logits,
+        top_logp,
+        top_ids,
+        labels,
+        mask,
+        weights,
+        alpha,
+        token_denominator,
+        seq_denominator,
+    )
+
+
+def proxy_kd_loss_topk(
+    student_logits: torch.Tensor,
+    top_logp: torch.Tensor,
+    top_ids: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    alpha: float = 1.0,
+    token_denominator: float | None = None,
+    seq_denominator: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``proxy_kd_loss`` from precomputed proxy targets ``proxy_topk(proxy_logits, k)``."""
+    _check_weights(weights, mask)
     logp = token_logprobs(student_logits, labels)
     ce = aggregate_loss(sft_loss_mat(logp), mask, "token-mean", token_denominator)
-    kl = topk_kl(proxy_logits, student_logits, mask, k)
+    kl = topk_kl_from_targets(top_logp, top_ids, student_logits, mask)
     kd = aggregate_loss(
         weights.detach()[:, None] * kl, mask, "seq-mean-token-mean", seq_denominator
     )

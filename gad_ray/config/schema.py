@@ -252,6 +252,7 @@ class TrainerConfig(_Strict):
     save_every: int = Field(50, ge=1)
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
+    eval_every: int | None = Field(None, ge=1)  # also evaluate every k steps (data.eval_path)
     tensorboard: bool = True
     wandb: WandbConfig = WandbConfig()
 

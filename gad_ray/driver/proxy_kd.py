@@ -117,7 +117,8 @@ def weight_stats(weights: torch.Tensor, confidence: torch.Tensor) -> dict[str, f
 
 class ProxyKDTrainer(Trainer):
     """The Proxy-KD driver; reuses :class:`Trainer`'s helpers (teacher batches, timers, eval,
-    Ctrl-C, failure reports, the final export) but builds its roles per stage."""
+    weight sync, Ctrl-C, failure reports, the final export) but sets up its own state and
+    builds its roles per stage (``Trainer.__init__`` is not called)."""
 
     def __init__(self, cfg: Config):
         self.cfg, self.alg, self.pk = cfg, cfg.algorithm, cfg.algorithm.proxy_kd
@@ -141,6 +142,7 @@ class ProxyKDTrainer(Trainer):
         self.times: dict[str, float] = {}
         self.stop_requested = False
         self.rollout_stale = self.proxy_stale = False
+        self.rollout_asleep = False  # the student's rollout serves eval only: never put to sleep
 
     # ---------------------------------------------------------------------------------------
     # the three stages
@@ -226,6 +228,7 @@ class ProxyKDTrainer(Trainer):
             )
             with self.stop_on_sigint():
                 while step < self.total_steps and not self.stop_requested:
+                    self.build_roles(step)  # e.g. the proxy's rollout workers for DPO
                     if step == self.stages.proxy:
                         self.log_eval(logger, "before_distill", step)
                     logger.log(step, self.run_step(step))
@@ -291,7 +294,7 @@ class ProxyKDTrainer(Trainer):
                 self.proxy.sync_weights(self.proxy_rollout.workers)
             self.proxy_stale = False
 
-    def roles(self) -> dict[str, Any]:
+    def trained_roles(self) -> dict[str, Any]:
         """The trained roles: what a checkpoint holds."""
         if self.proxy_training:
             return {"proxy": self.proxy}
@@ -303,7 +306,7 @@ class ProxyKDTrainer(Trainer):
     def save(self, step: int) -> Path:
         ckpt = st.checkpoint_dir(self.run_dir, step)
         ckpt.mkdir(parents=True, exist_ok=True)
-        for name, group in self.roles().items():
+        for name, group in self.trained_roles().items():
             group.save_checkpoint(str(ckpt / name))
         state = {
             "step": step,
@@ -323,7 +326,7 @@ class ProxyKDTrainer(Trainer):
         self.build_roles(step)
         if state is None:
             return 0
-        for name, group in self.roles().items():
+        for name, group in self.trained_roles().items():
             group.load_checkpoint(str(ckpt / name))
         self.data.load_state_dict(state["data"])
         st.set_rng_state(state["rng"])
@@ -335,8 +338,7 @@ class ProxyKDTrainer(Trainer):
         return step
 
     def shutdown(self) -> None:
-        super().shutdown()
-        for group in (self.proxy, self.proxy_rollout):
+        for group in (self.proxy, self.proxy_rollout, self.rollout, self.generator, self.data):
             if group is not None:
                 group.shutdown()
 

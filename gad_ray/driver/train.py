@@ -115,8 +115,11 @@ class Trainer:
                 self.log_eval(logger, "before_warmup", step=0)
             with self.stop_on_sigint():
                 while step < self.total_steps and not self.stop_requested:
+                    every = self.cfg.trainer.eval_every
                     if step == self.warmup_steps and self.warmup_steps > 0:
                         self.log_eval(logger, "after_warmup", step)
+                    elif every and step % every == 0 and step > 0:
+                        self.log_eval(logger, "periodic", step)
                     if step == self.warmup_steps and self.alg.uses_discriminator:
                         self.generator.reset_reference()  # KL anchor = the warmed-up student
                     logger.log(step, self.run_step(step))
@@ -344,6 +347,10 @@ def prefix(p: str, metrics: dict[str, Any]) -> dict[str, Any]:
 
 def train(cfg: Config) -> Path:
     """``gad-train``: build the roles, run the stages, shut the actors down."""
+    if cfg.algorithm.name == "proxy_kd":
+        from gad_ray.driver.proxy_kd import train as train_proxy_kd
+
+        return train_proxy_kd(cfg)
     trainer = Trainer(cfg)
     try:
         return trainer.fit()

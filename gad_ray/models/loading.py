@@ -51,7 +51,7 @@ VLLM_CPU_LLM_KWARGS: dict = {
     "dtype": "float32",
 }
 TINY_PREFIX = "tiny:"
-TINY_VERSION = "v1"  # bump when tiny.py changes what it builds, so stale caches are not reused
+TINY_VERSION = "v2"  # bump when tiny.py changes what it builds, so stale caches are not reused
 
 
 class ModelLoadError(ValueError):

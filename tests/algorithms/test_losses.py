@@ -8,10 +8,13 @@ from gad_ray.algorithms import (
     bt_loss,
     dpo_loss,
     proxy_kd_loss,
+    proxy_kd_loss_topk,
     proxy_sample_weights,
+    proxy_topk,
     seq_mean_logp,
     sft_loss_mat,
     topk_kl,
+    topk_kl_from_targets,
 )
 
 LN3 = math.log(3.0)
@@ -148,3 +151,27 @@ def test_proxy_kd_loss_by_hand_and_microbatched():
     assert total == pytest.approx(loss.item(), rel=1e-6)
     with pytest.raises(ValueError, match=r"weights \(3,\) must be \[B\]"):
         proxy_kd_loss(student, proxy, labels, mask, torch.ones(3))
+
+
+def test_proxy_topk_targets_by_hand_and_equal_to_the_full_logits_path():
+    proxy = torch.tensor([[[LN3, 0.0, -5.0, -6.0], [0.0, -6.0, LN3, -5.0]]], dtype=torch.bfloat16)
+    log_p, ids = proxy_topk(proxy, 2)
+    assert log_p.dtype == torch.float32 and ids.tolist() == [[[0, 1], [2, 0]]]
+    # bf16 ln 3 = 1.1015625: p = [e^x, e^0] / (e^x + 1), renormalised over the 2 ids
+    p0 = math.exp(1.1015625) / (math.exp(1.1015625) + 1.0)
+    torch.testing.assert_close(log_p.exp()[0, 0], torch.tensor([p0, 1.0 - p0]))
+    gen = torch.Generator().manual_seed(0)
+    proxy, student = torch.randn(3, 5, 7, generator=gen), torch.randn(3, 5, 7, generator=gen)
+    mask = (torch.rand(3, 5, generator=gen) > 0.3).float()
+    targets = proxy_topk(proxy, 3)
+    kl = topk_kl_from_targets(*targets, student, mask, chunk_size=4)
+    torch.testing.assert_close(kl, topk_kl(proxy, student, mask, k=3))
+    labels, weights = torch.randint(0, 7, (3, 5), generator=gen), torch.rand(3, generator=gen)
+    a = proxy_kd_loss(student, proxy, labels, mask, weights, alpha=2.0, k=3)
+    b = proxy_kd_loss_topk(student, *targets, labels, mask, weights, alpha=2.0)
+    torch.testing.assert_close(a[0], b[0])
+    assert a[1] == b[1]
+    with pytest.raises(ValueError, match=r"k must be in \[1, 7\], got 8"):
+        proxy_topk(proxy, 8)
+    with pytest.raises(ValueError, match=r"must be \[B, T, k\]"):
+        topk_kl_from_targets(targets[0][:2], targets[1], student, mask)

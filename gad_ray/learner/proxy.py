@@ -1,0 +1,213 @@
+"""The Proxy-KD proxy learner (SPEC §3): SFT and iterative DPO on teacher responses, then the
+top-k targets the student distils from.
+
+The proxy is a generator learner in the student's place: :func:`proxy_view` gives the generator
+code a config whose ``model.student``, ``algorithm.generator_optim`` and
+``learner.generator_ranks`` are the proxy's, so SFT, log-probs, the frozen reference
+(``reset_reference``: the previous DPO iteration's proxy), checkpoints, export and weight sync
+are the generator's.
+
+A DPO pair's loss is nonlinear in both of its sequences' mean log-probs, so, like the
+discriminator's BT step, a DPO step takes two passes over one combined batch (chosen rows, then
+rejected rows), split freely over ranks and micro-batches:
+
+1. a no-grad forward gives each row's mean token log-prob under the proxy and the reference;
+2. on the host, autograd of the global mean DPO loss (``dpo_loss``) with respect to the proxy's
+   per-row values gives ``c_i = dL/dlogp_i``;
+3. a training pass backpropagates the surrogate ``sum_i c_i * logp_i(theta)`` per micro-batch,
+   whose gradient is exactly ``dL/dtheta`` (dropout is 0, so both passes see the same model).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gad_ray.algorithms import dpo_loss, proxy_topk, seq_mean_logp, token_logprobs
+from gad_ray.config.schema import Config
+from gad_ray.data.batch import TokenBatch
+from gad_ray.discriminator.learner import concat_batches
+from gad_ray.learner.generator import GeneratorGroup, GeneratorWorker, _check_batch, policy_logprobs
+from gad_ray.learner.group import LearnerGroup
+from gad_ray.models.loading import model_max_context
+from gad_ray.placement import RolePlacement
+
+
+def proxy_view(cfg: Config) -> Config:
+    """A copy of ``cfg`` with the proxy in the student's place (model spec, optimizer, ranks)."""
+    pk = cfg.algorithm.proxy_kd
+    if pk.proxy is None:
+        raise ValueError("algorithm.proxy_kd.proxy is not set: Proxy-KD needs a proxy model")
+    view = cfg.model_copy(deep=True)
+    view.model.student = pk.proxy.model_copy()
+    view.algorithm.generator_optim = pk.proxy_optim.model_copy()
+    view.learner.generator_ranks = pk.ranks
+    return view
+
+
+def dpo_coefficients(
+    logps: torch.Tensor, ref_logps: torch.Tensor, beta: float, sft_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``dL/dlogp`` [2P] of the mean DPO loss over P pairs (rows i and P+i: chosen, rejected),
+    from per-row mean log-probs of the proxy and the reference, plus ``dpo_loss``'s metrics."""
+    p = len(logps) // 2
+    x = logps.detach().double().requires_grad_(True)
+    ref = ref_logps.double()
+    loss, metrics = dpo_loss(x[:p], x[p:], ref[:p], ref[p:], beta, sft_weight, "mean")
+    loss.backward()
+    metrics |= {
+        "loss": loss.item(),
+        "chosen_logp": logps[:p].mean().item(),
+        "rejected_logp": logps[p:].mean().item(),
+    }
+    return x.grad.float(), metrics
+
+
+class ProxyWorker(GeneratorWorker):
+    """One rank of the proxy learner (its ``cfg`` is a :func:`proxy_view`)."""
+
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    def dpo_logps(
+        self, batch: TokenBatch, plan: list[list[int]]
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """Per row: [mean token log-prob under the proxy, under the reference]."""
+        if self.reference is None:
+            raise RuntimeError("dpo_logps: this proxy learner was built without a reference")
+        self.engine.module.eval()
+
+        def fn(mb: TokenBatch) -> torch.Tensor:
+            pol = seq_mean_logp(policy_logprobs(self.engine.module, mb)[0], mb.response_mask)
+            ref = seq_mean_logp(policy_logprobs(self.reference, mb)[0], mb.response_mask)
+            return torch.stack([pol, ref], dim=-1)
+
+        return self.forward_plan(batch, plan, fn)
+
+    def train_dpo_surrogate(
+        self, batch: TokenBatch, plan: list[list[int]], coef: torch.Tensor
+    ) -> dict[str, float]:
+        """One optimizer step on ``sum_i coef_i * logp_i`` (see the module docstring)."""
+
+        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
+            logp = seq_mean_logp(policy_logprobs(self.engine.module, mb)[0], mb.response_mask)
+            return (coef[rows].to(self.device) * logp.float()).sum(), {}
+
+        return self.train_step(batch, plan, loss_fn)
+
+    @torch.no_grad()
+    def topk(
+        self, batch: TokenBatch, plan: list[list[int]], k: int
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(row, top-k log-probs [t, k], top-k ids [t, k], token log-probs [t]) per row."""
+        self.engine.module.eval()
+        out = []
+        for idx, _, mb in self.micro_batches(batch, plan):
+            logits = self.engine.module(
+                input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
+            ).logits[:, :-1]
+            top_logp, top_ids = proxy_topk(logits, k)
+            logp = token_logprobs(logits, mb.input_ids[:, 1:]).float()
+            top_logp, top_ids = F.pad(top_logp, (0, 0, 1, 0)), F.pad(top_ids, (0, 0, 1, 0))
+            logp = F.pad(logp, (1, 0))
+            for j, i in enumerate(idx):
+                out.append((i, top_logp[j].cpu(), top_ids[j].cpu(), logp[j].cpu()))
+        return out
+
+
+class ProxyGroup(GeneratorGroup):
+    """``algorithm.proxy_kd.ranks`` actors training the proxy; the generator's methods
+    (``train_sft``, ``compute_logprobs``, ``reset_reference``, ``sync_weights``, checkpoints,
+    ``save_pretrained``) apply to the proxy."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        model_path: str | None = None,
+        total_steps: int | None = None,
+        with_reference: bool = True,
+        cpus_per_rank: int = 1,
+        placement: RolePlacement | None = None,
+    ) -> None:
+        """``model_path`` defaults to ``algorithm.proxy_kd.proxy.path``; ``with_reference``
+        (the frozen DPO reference) is needed for ``train_dpo`` only."""
+        view = proxy_view(cfg)
+        path = model_path or view.model.student.path
+        model_max_context(path)  # fails fast on the host with ModelLoadError naming the path
+        LearnerGroup.__init__(
+            self,
+            ProxyWorker,
+            view,
+            view.learner.generator_ranks,
+            "proxy",
+            cpus_per_rank,
+            placement=placement,
+            model_path=path,
+            with_reference=with_reference,
+            total_steps=total_steps,
+        )
+
+    def teacher_loglik(self, batch: TokenBatch) -> torch.Tensor:
+        """The proxy's mean token log-prob of each row's response [B]."""
+        return seq_mean_logp(self.compute_logprobs(batch), batch.response_mask)
+
+    def train_dpo(self, chosen: TokenBatch, rejected: TokenBatch) -> dict[str, float]:
+        """One optimizer step of DPO + SFT on the chosen response (SPEC §3) over the pairs
+        (``chosen`` row i, ``rejected`` row i), against the frozen reference.
+
+        Returns ``dpo_loss``'s metrics (``dpo_loss``, ``sft_loss``, ``chosen_reward``,
+        ``rejected_reward``, ``reward_margin``, ``reward_accuracy``, all before the update),
+        ``loss``, ``chosen_logp`` / ``rejected_logp`` (mean over pairs of the per-token mean
+        log-prob), ``grad_norm``, ``lr``, ``tokens_per_s`` and ``step_s``.
+        """
+        method = "ProxyGroup.train_dpo"
+        _check_batch(chosen, method)
+        _check_batch(rejected, method)
+        if len(chosen) != len(rejected):
+            raise ValueError(
+                f"{method}: {len(chosen)} chosen rows but {len(rejected)} rejected rows; "
+                "each chosen row pairs with the rejected row of the same index"
+            )
+        start = time.perf_counter()
+        both = concat_batches(chosen, rejected)
+        values = torch.zeros(len(both), 2)
+        for indices, rows in self.run_batch("dpo_logps", both):
+            for i, row in zip(indices, rows, strict=True):
+                values[i] = row
+        pk = self.cfg.algorithm.proxy_kd
+        coef, metrics = dpo_coefficients(values[:, 0], values[:, 1], pk.dpo_beta, pk.dpo_sft_weight)
+        out = self.run_batch("train_dpo_surrogate", both, coef)[0]
+        seconds = time.perf_counter() - start
+        return {
+            **metrics,
+            "grad_norm": out["grad_norm"],
+            "lr": out["lr"],
+            "tokens_per_s": both.num_tokens() / seconds,
+            "step_s": seconds,
+        }
+
+    def topk(self, batch: TokenBatch, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The student's distillation targets from one proxy forward: ``(top_logp, top_ids,
+        logprobs)``. ``top_logp``/``top_ids`` [B, T, k]: the proxy's top-k token ids at each
+        position and their log-probs renormalised over those k (``proxy_topk``) for the
+        distribution token t is drawn from (aligned with ``input_ids``; zero at t=0 and on
+        padding); ``logprobs`` [B, T]: its log-probs of the batch's tokens, zero off the
+        response (``seq_mean_logp`` of them gives the sample weights' confidence ``s``)."""
+        _check_batch(batch, "ProxyGroup.topk")
+        vocab = self.run("vocab_size")
+        if not 0 < k <= vocab:
+            raise ValueError(
+                f"algorithm.proxy_kd.top_k={k} must be in [1, {vocab}] (the proxy's vocabulary)"
+            )
+        b, t = batch.input_ids.shape
+        top_logp = torch.zeros(b, t, k)
+        top_ids = torch.zeros(b, t, k, dtype=torch.long)
+        logprobs = torch.zeros(b, t)
+        for rows in self.run_batch("topk", batch, k):
+            for i, lp, ids, logp in rows:
+                n = lp.shape[0]
+                top_logp[i, :n], top_ids[i, :n], logprobs[i, :n] = lp, ids, logp
+        keep = batch.response_mask[..., None]
+        return top_logp * keep, top_ids * keep.long(), logprobs * batch.response_mask
