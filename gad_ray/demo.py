@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
                 "teacher.api.model=synthetic-teacher",
                 f"teacher.api.api_key_env={KEY_ENV}",
                 "teacher.api.max_tokens=48",
+                "cluster.log_to_driver=false",  # keep vLLM's and transformers' logs out of the demo
                 *overrides,
             ],
             run_dir=next(

@@ -113,6 +113,7 @@ class Trainer:
             )
             if step == 0:
                 self.log_eval(logger, "before_warmup", step=0)
+            self.generator.set_base_lr(self.generator_lr(step))
             with self.stop_on_sigint():
                 while step < self.total_steps and not self.stop_requested:
                     every = self.cfg.trainer.eval_every
@@ -122,6 +123,7 @@ class Trainer:
                         self.log_eval(logger, "periodic", step)
                     if step == self.warmup_steps and self.alg.uses_discriminator:
                         self.generator.reset_reference()  # KL anchor = the warmed-up student
+                        self.generator.set_base_lr(self.generator_lr(step))
                     logger.log(step, self.run_step(step))
                     step += 1
                     if self.stop_requested or step % self.cfg.trainer.save_every == 0:
@@ -162,6 +164,12 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------
     # helpers
+
+    def generator_lr(self, step: int) -> float:
+        """G's base LR at ``step``: ``warmup.generator_lr`` in warmup, else generator_optim.lr."""
+        if step < self.warmup_steps and self.alg.warmup.generator_lr is not None:
+            return self.alg.warmup.generator_lr
+        return self.alg.generator_optim.lr
 
     def teacher_batch(self, examples: list[TokenizedExample]) -> TokenBatch:
         return make_batch(

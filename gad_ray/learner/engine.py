@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from gad_ray.config.schema import LearnerConfig, OptimConfig
 from gad_ray.learner import checkpoint
-from gad_ray.learner.optim import build_optimizer, build_scheduler
+from gad_ray.learner.optim import build_optimizer, build_scheduler, set_base_lr
 
 
 class Engine(ABC):
@@ -51,6 +51,10 @@ class Engine(ABC):
     @abstractmethod
     def lr(self) -> float:
         """The learning rate the next ``step`` uses (local, not collective)."""
+
+    def set_base_lr(self, lr: float) -> None:
+        """Switch the schedule's base learning rate (a new stage); saved with the checkpoint."""
+        set_base_lr(self.scheduler.optimizer, self.scheduler, lr)
 
     @abstractmethod
     def named_full_params(

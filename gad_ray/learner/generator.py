@@ -199,6 +199,9 @@ class GeneratorWorker(LearnerWorker):
 
         return self.train_step(batch, plan, loss_fn)
 
+    def set_base_lr(self, lr: float) -> None:
+        self.engine.set_base_lr(lr)
+
     def reset_reference(self) -> None:
         if self.reference is None:
             raise RuntimeError("reset_reference: this generator learner holds no reference policy")
@@ -348,6 +351,10 @@ class GeneratorGroup(LearnerGroup):
     def reset_reference(self) -> None:
         """Re-snapshot the frozen reference policy from the current policy."""
         self.run("reset_reference")
+
+    def set_base_lr(self, lr: float) -> None:
+        """Switch the optimizer's base learning rate (e.g. SFT warmup -> GAD stage)."""
+        self.run("set_base_lr", lr)
 
     def full_params(self) -> dict[str, torch.Tensor]:
         """The full parameters (gathered from the shards), for tests and export checks."""
