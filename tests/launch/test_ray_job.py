@@ -1,11 +1,15 @@
 """`ray job submit` to a local `ray start --head` cluster runs a tiny gad-train job to completion."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from gad_ray.driver.metrics import read_metrics
@@ -21,34 +25,68 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_job_server(
+    port: int, head: subprocess.Popen, log: Path, timeout_s: float = 180
+) -> None:
+    """The dashboard's job API comes up some seconds after `ray start --head`."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        assert head.poll() is None, f"ray start --head exited:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5):
+                return
+        except urllib.error.HTTPError:  # e.g. 401 under Ray's token auth: the server is up
+            return
+        except OSError:
+            time.sleep(2)
+    raise AssertionError(f"the Ray job server on port {port} did not come up in {timeout_s} s")
+
+
 def test_ray_job_submit_runs_a_tiny_job(tmp_path):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "RAY_ADDRESS": ""}
+    # a throwaway loopback cluster: no token auth, so the job CLI needs no token file
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": ""}
+    env["RAY_AUTH_MODE"] = "disabled"
     port, dash = _free_port(), _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="gadray-", dir="/tmp")  # Unix socket paths must be short
+    log = tmp_path / "ray_head.log"
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=8", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         f"--temp-dir={tmp_path / 'ray'}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=8",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--include-dashboard=true",
+            f"--temp-dir={ray_tmp}",
+        ],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     run_dir = tmp_path / "run"
     try:
-        submit = [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}",
-                  "--runtime-env", "launch/runtime_env.yaml", "--",
-                  "gad-train", *tiny_overrides(run_dir, "algorithm.gad.steps=1",
-                                               "cluster.log_to_driver=false")]
-        deadline = time.time() + 120
-        while True:  # the job server comes up a few seconds after the head
-            out = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True,
-                                 timeout=900)
-            if out.returncode == 0 or time.time() > deadline or "succeeded" in out.stdout:
-                break
-            if "Failed to connect" not in out.stdout + out.stderr:
-                break
-            time.sleep(3)
+        _wait_for_job_server(dash, head, log)
+        submit = [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            f"--address=http://127.0.0.1:{dash}",
+            "--runtime-env",
+            "launch/runtime_env.yaml",
+            "--",
+            "gad-train",
+            *tiny_overrides(run_dir, "algorithm.gad.steps=1", "cluster.log_to_driver=false"),
+        ]
+        out = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout
     steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if "event" not in r]
