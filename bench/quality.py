@@ -13,15 +13,19 @@ by the synthetic checker: greedy accuracy per task, response length relative to 
 synonym) the share of T=1 samples on the teacher's most probable answer / on a valid minor
 answer / invalid (mode-seeking vs mode-covering). A ``teacher`` row scores fresh teacher draws.
 
-Equal compute = the same number of generator optimizer steps: SeqKD takes ``warmup + gad``
-SFT steps; GAD and GAD-frozen-D take ``warmup`` SFT steps (with D's warmup) then ``gad`` GRPO
-steps. GAD-frozen-D resumes from GAD's step-``warmup`` checkpoint of the same seed (the same
-warmup by construction, as in the paper's ablation). GAD also spends rollouts and D updates
-that SeqKD does not; the table reports wall time per method.
+Equal compute = the same number of generator optimizer steps, from one shared start: per seed,
+the GAD run takes ``warmup`` steps (G: SFT on the teacher; D: BT against G's samples) and saves
+a checkpoint, then ``gad`` GRPO steps. SeqKD and GAD-frozen-D resume from that checkpoint:
+SeqKD takes ``gad`` more SFT steps (its first ``warmup`` SFT steps are exactly GAD's warmup,
+since the warmup's G update does not depend on D), GAD-frozen-D ``gad`` GRPO steps with D as
+warmup left it (the paper's ablation). GAD also spends rollouts and D updates that SeqKD does
+not; the table reports the seconds of each method's post-warmup steps.
 
 Run: ``python bench/quality.py [--out outputs/bench_quality]`` (3 seeds, ~30 min on 2 cores)
-or ``--quick`` (1 seed, a few steps, < 5 min: checks the pipeline, not the ranking). Writes
-``quality.md``, ``quality.png`` and ``results.json`` into ``--out``.
+or ``--quick`` (1 seed, a few steps, < 5 min: checks the pipeline, not the ranking); ``--set
+KEY=VALUE`` (repeatable) adds a Hydra override to every training run, to try SPEC §2's knobs
+(e.g. ``--set algorithm.generator_optim.lr=2e-4``). Writes ``quality.md``, ``quality.png`` and
+``results.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ PRESETS: dict[str, dict[str, int]] = {
     # warmup/gad: generator optimizer steps; prompts: per step; eval_n: prompts per split;
     # samples: T=1 samples per multi-modal prompt; n_samples: GRPO group size
     "full": dict(
-        seeds=3, warmup=32, gad=16, prompts=16, n_samples=4, eval_n=128, samples=8, train_n=1024
+        seeds=3, warmup=64, gad=24, prompts=16, n_samples=2, eval_n=128, samples=8, train_n=1536
     ),
     "quick": dict(
         seeds=1, warmup=4, gad=2, prompts=8, n_samples=2, eval_n=24, samples=4, train_n=64
@@ -67,7 +71,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def overrides(method: str, seed: int, p: dict[str, int]) -> list[str]:
+def overrides(method: str, seed: int, p: dict[str, int], extra: list[str]) -> list[str]:
     """Hydra overrides of one training run (tiny_cpu preset, quiet, few checkpoints)."""
     train_path = (
         f"synthetic:train?n={p['train_n']}&seed={seed}&tasks={TRAIN_TASKS}&min_len=1&max_len=3"
@@ -86,26 +90,24 @@ def overrides(method: str, seed: int, p: dict[str, int]) -> list[str]:
         "cluster.log_to_driver=false",
         "trainer.tensorboard=false",
         "trainer.keep_last=100",
-        "trainer.resume=never",
         f"trainer.eval_every={max(1, p['gad'] // 4)}",
+        f"trainer.save_every={p['warmup']}",  # the warmup checkpoint is the shared start
     ]
     if method == "seqkd":
-        return common + [f"algorithm.warmup.max_steps={p['warmup'] + p['gad']}"]
-    return common + [
-        f"algorithm.warmup.max_steps={p['warmup']}",
-        f"algorithm.gad.steps={p['gad']}",
-        f"trainer.save_every={p['warmup']}",  # GAD's warmup checkpoint seeds the frozen-D run
-    ]
+        common.append(f"algorithm.warmup.max_steps={p['warmup'] + p['gad']}")
+    else:
+        common += [f"algorithm.warmup.max_steps={p['warmup']}", f"algorithm.gad.steps={p['gad']}"]
+    return common + extra
 
 
-def train_method(method: str, seed: int, p: dict[str, int], out: Path) -> tuple[Path, Config]:
+def train_method(
+    method: str, seed: int, p: dict[str, int], out: Path, extra: list[str], start: Path | None
+) -> tuple[Path, Config]:
+    """Train ``method`` (from ``start``, a warmup checkpoint, if given); return its run dir."""
     run_dir = out / "runs" / f"{method}-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    ov = overrides(method, seed, p)
-    if method == "gad_frozen_d":  # same warmup as GAD: resume from GAD's warmup checkpoint
-        ckpt = out / "runs" / f"gad-s{seed}" / "checkpoints" / f"step_{p['warmup']:08d}"
-        ov[ov.index("trainer.resume=never")] = f"trainer.resume={ckpt}"
-    cfg = compose(ov, run_dir=str(run_dir))
+    resume = f"trainer.resume={start}" if start else "trainer.resume=never"
+    cfg = compose(overrides(method, seed, p, extra) + [resume], run_dir=str(run_dir))
     return train(cfg), cfg
 
 
@@ -208,28 +210,35 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
 # the benchmark
 
 
-def run_seed(seed: int, p: dict[str, int], out: Path) -> dict[str, Any]:
-    """Train the three methods, score them, the fresh student and the teacher, for one seed."""
-    result: dict[str, Any] = {"scores": {}, "curves": {}, "wall_s": {}}
+def run_seed(seed: int, p: dict[str, int], out: Path, extra: list[str]) -> dict[str, Any]:
+    """Train the three methods from one warmup, score them, the fresh student and the teacher."""
+    result: dict[str, Any] = {"scores": {}, "curves": {}, "stage_s": {}}
     student = resolve_model_path("tiny:small")
     tokenizer = load_tokenizer(student)
     paths: dict[str, str] = {"undistilled": student}
-    cfg = None
-    for method in METHODS[1:]:
-        t0 = time.time()
-        run_dir, cfg = train_method(method, seed, p, out)
-        result["wall_s"][method] = time.time() - t0
+    gad_dir, cfg = train_method("gad", seed, p, out, extra, start=None)
+    start = gad_dir / "checkpoints" / f"step_{p['warmup']:08d}"
+    run_dirs = {"gad": gad_dir}
+    for method in ("seqkd", "gad_frozen_d"):
+        run_dirs[method] = train_method(method, seed, p, out, extra, start)[0]
+    for method, run_dir in run_dirs.items():
         paths[method] = str(run_dir / "final")
-        result["curves"][method] = [
-            r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] >= p["warmup"]
-        ]
-    assert cfg is not None
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        result["curves"][method] = [r for r in rows if r["step"] >= p["warmup"]]
+        result["stage_s"][method] = sum(
+            r["s_per_step"] for r in rows if "s_per_step" in r and r["step"] >= p["warmup"]
+        )
+    result["warmup_s"] = sum(
+        r["s_per_step"]
+        for r in read_metrics(gad_dir / "metrics.jsonl")
+        if "s_per_step" in r and r["step"] < p["warmup"]
+    )
     sets = eval_sets(cfg, tokenizer, seed, p["eval_n"])
     for method in METHODS:
         result["scores"][method] = score_model(cfg, paths[method], sets, tokenizer, p)
     result["scores"]["teacher"] = score_teacher(sets, tokenizer, seed, p["samples"])
-    for method in METHODS[1:]:  # keep final/ and metrics, drop the sharded checkpoints
-        shutil.rmtree(out / "runs" / f"{method}-s{seed}" / "checkpoints", ignore_errors=True)
+    for run_dir in run_dirs.values():  # keep final/ and metrics, drop the sharded checkpoints
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return result
 
 
@@ -254,15 +263,20 @@ def fmt(ms: tuple[float, float] | None) -> str:
     return "-" if ms is None else f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
-def markdown(agg: dict, results: list[dict], p: dict[str, int], command: str) -> str:
+def markdown(
+    agg: dict, results: list[dict], p: dict[str, int], command: str, total_min: float
+) -> str:
     seeds = len(results)
+    warmup_s = statistics.mean(r["warmup_s"] for r in results)
     lines = [
         "# Distillation quality on the synthetic teacher",
         "",
-        f"`{command}`: {seeds} seed(s), mean ± std over seeds. Equal compute: every method gets "
-        f"{p['warmup'] + p['gad']} generator optimizer steps of {p['prompts']} prompts (SeqKD: "
-        f"all SFT; GAD: {p['warmup']} SFT warmup steps with D's warmup + {p['gad']} GRPO steps, "
-        f"{p['n_samples']} samples per prompt). Scored on {p['eval_n']} in-domain prompts "
+        f"`{command}`: {seeds} seed(s), mean ± std over seeds, {total_min:.0f} min. Equal "
+        f"compute: every method gets {p['warmup'] + p['gad']} generator optimizer steps of "
+        f"{p['prompts']} prompts from one shared warmup of {p['warmup']} steps (G: SFT; D: BT "
+        f"vs G's samples; {warmup_s:.0f} s per seed), then {p['gad']} steps of SFT (SeqKD) or "
+        f"GRPO on D's reward ({p['n_samples']} samples per prompt; GAD, GAD-frozen-D); "
+        f"'stage s': seconds of those {p['gad']} steps. Scored on {p['eval_n']} in-domain prompts "
         f"({TRAIN_TASKS}, 1-3 words) and {p['eval_n']} out-of-domain prompts ({OOD_TASKS}, "
         f"4-6 words). acc: greedy accuracy; len: mean response tokens / teacher's; F1: unigram "
         f"F1 with the teacher's response; top/minor/invalid: shares of {p['samples']} T=1 samples "
@@ -270,12 +284,12 @@ def markdown(agg: dict, results: list[dict], p: dict[str, int], command: str) ->
         " another valid answer, an invalid one (teacher row: fresh teacher draws).",
         "",
         "| method | ID acc | OOD acc | ID len | OOD len | ID F1 | OOD F1 | top | minor | invalid"
-        " | train s |",
+        " | stage s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in (*METHODS, "teacher"):
         a, o = agg[row]["id"], agg[row]["ood"]
-        wall = [r["wall_s"][row] for r in results if row in r["wall_s"]]
+        wall = [r["stage_s"][row] for r in results if row in r["stage_s"]]
         cells = [a["accuracy"], o["accuracy"], a["len_ratio"], o["len_ratio"], a["f1"], o["f1"]]
         cells += [a.get("most_probable"), a.get("valid_minor"), a.get("invalid")]
         secs = f"{statistics.mean(wall):.0f}" if wall else "-"
@@ -301,24 +315,30 @@ def stage_change(curve: list[dict], key: str, p: dict[str, int]) -> float | None
 
 
 def signature_text(results: list[dict], p: dict[str, int]) -> str:
-    """The hacking signature over the GAD stage: reward up, length up, accuracy down."""
+    """The hacking signature over the GAD stage: reward up, length up, accuracy down (and, for
+    the frozen D, d_acc down: the student learns to fool the warmup's D)."""
     lines = [
         "GAD-stage trends (last third minus first third of the GAD steps; eval accuracy: "
         "final minus after-warmup, in-domain eval set), per seed:",
         "",
     ]
-    lines += ["| method | seed | reward | len ratio | eval acc |", "|---|---|---|---|---|"]
+    lines += [
+        "| method | seed | reward | len ratio | d_acc | KL | eval acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method in ("gad", "gad_frozen_d"):
         for seed, r in enumerate(results):
             curve = r["curves"][method]
             ev = {e["event"]: e["eval_accuracy"] for e in curve if "event" in e}
-            d_acc = (
+            eval_change = (
                 ev["final"] - ev["after_warmup"] if {"final", "after_warmup"} <= ev.keys() else None
             )
             cells = [
                 stage_change(curve, "reward_mean", p),
                 stage_change(curve, "len_ratio", p),
-                d_acc,
+                stage_change(curve, "d_acc", p),
+                stage_change(curve, "g_kl", p),
+                eval_change,
             ]
             lines.append(
                 f"| {method} | {seed} | "
@@ -404,22 +424,38 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="outputs/bench_quality", help="output directory")
     ap.add_argument("--quick", action="store_true", help="1 seed, a few steps (< 5 min)")
     ap.add_argument("--seeds", type=int, default=None, help="override the preset's seed count")
+    ap.add_argument("--warmup", type=int, default=None, help="override the warmup steps")
+    ap.add_argument("--gad", type=int, default=None, help="override the GAD-stage steps")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override added to every training run (repeatable)",
+    )
     args = ap.parse_args(argv)
     p = dict(PRESETS["quick" if args.quick else "full"])
-    if args.seeds is not None:
-        p["seeds"] = args.seeds
+    for key in ("seeds", "warmup", "gad"):
+        if getattr(args, key) is not None:
+            p[key] = getattr(args, key)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    command = "python bench/quality.py" + (" --quick" if args.quick else "")
+    command = " ".join(
+        ["python bench/quality.py"]
+        + (["--quick"] if args.quick else [])
+        + [f"--{k} {getattr(args, k)}" for k in ("seeds", "warmup", "gad") if getattr(args, k)]
+        + [f"--set {o}" for o in args.set]
+    )
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     t0 = time.time()
     results = []
     for seed in range(p["seeds"]):
-        results.append(run_seed(seed, p, out))
+        results.append(run_seed(seed, p, out, args.set))
         agg = aggregate(results)  # the tables so far, after every seed
         (out / "results.json").write_text(json.dumps({"preset": p, "results": results}))
-        (out / "quality.md").write_text(markdown(agg, results, p, command))
+        minutes = (time.time() - t0) / 60
+        (out / "quality.md").write_text(markdown(agg, results, p, command, minutes))
         plot(agg, results, out / "quality.png")
         print(f"seed {seed} done at {time.time() - t0:.0f} s", flush=True)
     print((out / "quality.md").read_text())
