@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from transformers import AutoModelForCausalLM
 
 from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import Config
@@ -50,7 +51,7 @@ from gad_ray.driver.setup import cpus_per_rollout_worker
 from gad_ray.driver.train import train
 from gad_ray.eval.metrics import ngram_f1
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
-from gad_ray.rollout.group import RolloutGroup
+from gad_ray.rollout import RolloutGroup, send_weights
 from gad_ray.synthetic.tasks import TASKS, check, prompt_text, score_responses, teacher_answer
 
 METHODS = ("undistilled", "seqkd", "gad", "gad_frozen_d")
@@ -157,31 +158,32 @@ def score_texts(
 
 
 def score_model(
-    cfg: Config, path: str, sets: dict[str, list[TokenizedExample]], tokenizer: Any, p: dict
+    group: RolloutGroup,
+    cfg: Config,
+    sets: dict[str, list[TokenizedExample]],
+    tokenizer: Any,
+    p: dict,
 ) -> dict[str, dict[str, float]]:
-    """Greedy + T=1 sampled generation with a vLLM rollout group on ``path``; metrics per split."""
-    group = RolloutGroup(cfg, path, cpus_per_rollout_worker(cfg))
-    try:
-        out = {}
-        for split, examples in sets.items():
-            greedy = group.generate(
-                [e.prompt_ids for e in examples], 1, 0.0, 1.0, SCORE_MAX_TOKENS, seed=cfg.seed
+    """Greedy + T=1 sampled generation with the rollout group's current weights; metrics per
+    split."""
+    out = {}
+    for split, examples in sets.items():
+        greedy = group.generate(
+            [e.prompt_ids for e in examples], 1, 0.0, 1.0, SCORE_MAX_TOKENS, seed=cfg.seed
+        )
+        multi = [e for e in examples if e.meta.get("task") in MULTIMODAL]
+        sampled: dict[str, list[str]] = {}
+        if multi:
+            k = p["samples"]
+            samples = group.generate(
+                [e.prompt_ids for e in multi], k, 1.0, 1.0, SCORE_MAX_TOKENS, seed=cfg.seed
             )
-            multi = [e for e in examples if e.meta.get("task") in MULTIMODAL]
-            sampled: dict[str, list[str]] = {}
-            if multi:
-                k = p["samples"]
-                samples = group.generate(
-                    [e.prompt_ids for e in multi], k, 1.0, 1.0, SCORE_MAX_TOKENS, seed=cfg.seed
-                )
-                for i, e in enumerate(multi):
-                    texts = [decode(tokenizer, s.token_ids) for s in samples[i * k : (i + 1) * k]]
-                    sampled.setdefault(prompt_text(e.messages), []).extend(texts)
-            texts = [decode(tokenizer, s.token_ids) for s in greedy]
-            out[split] = score_texts(examples, texts, [s.length for s in greedy], sampled)
-        return out
-    finally:
-        group.shutdown()
+            for i, e in enumerate(multi):
+                texts = [decode(tokenizer, s.token_ids) for s in samples[i * k : (i + 1) * k]]
+                sampled.setdefault(prompt_text(e.messages), []).extend(texts)
+        texts = [decode(tokenizer, s.token_ids) for s in greedy]
+        out[split] = score_texts(examples, texts, [s.length for s in greedy], sampled)
+    return out
 
 
 def score_teacher(
@@ -234,8 +236,15 @@ def run_seed(seed: int, p: dict[str, int], out: Path, extra: list[str]) -> dict[
         if "s_per_step" in r and r["step"] < p["warmup"]
     )
     sets = eval_sets(cfg, tokenizer, seed, p["eval_n"])
-    for method in METHODS:
-        result["scores"][method] = score_model(cfg, paths[method], sets, tokenizer, p)
+    group = RolloutGroup(cfg, student, cpus_per_rollout_worker(cfg))  # one vLLM for all rows
+    try:
+        for method in METHODS:
+            if method != "undistilled":  # load the trained student through the weight sync
+                weights = AutoModelForCausalLM.from_pretrained(paths[method]).state_dict()
+                send_weights(weights.items(), group.workers, cfg.rollout.bucket_bytes)
+            result["scores"][method] = score_model(group, cfg, sets, tokenizer, p)
+    finally:
+        group.shutdown()
     result["scores"]["teacher"] = score_teacher(sets, tokenizer, seed, p["samples"])
     for run_dir in run_dirs.values():  # keep final/ and metrics, drop the sharded checkpoints
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
