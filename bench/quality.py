@@ -2,7 +2,8 @@
 
 From nothing: a fresh ``tiny:small`` student and the synthetic rule-based teacher
 (``gad_ray.synthetic.tasks``). Each method is trained with the real driver on the same teacher
-data, then its exported student (``final/``) is scored with vLLM on
+data, then its exported student (``final/``) is loaded into one vLLM rollout group per seed
+(through the same weight sync as training) and scored on
 
 - in-domain prompts (the training tasks and lengths: copy, upper, fruit, synonym, 1-3 words),
 - out-of-domain prompts: longer copy/upper prompts (4-6 words; the multi-modal tasks take no
@@ -21,8 +22,8 @@ since the warmup's G update does not depend on D), GAD-frozen-D ``gad`` GRPO ste
 warmup left it (the paper's ablation). GAD also spends rollouts and D updates that SeqKD does
 not; the table reports the seconds of each method's post-warmup steps.
 
-Run: ``python bench/quality.py [--out outputs/bench_quality]`` (3 seeds, ~30 min on 2 cores)
-or ``--quick`` (1 seed, a few steps, < 5 min: checks the pipeline, not the ranking); ``--set
+Run: ``python bench/quality.py [--out outputs/bench_quality]`` (3 seeds, ~25 min on 2 cores)
+or ``--quick`` (1 seed, a few steps, ~2.5 min: checks the pipeline, not the ranking); ``--set
 KEY=VALUE`` (repeatable) adds a Hydra override to every training run, to try SPEC §2's knobs
 (e.g. ``--set algorithm.generator_optim.lr=2e-4``). Writes ``quality.md``, ``quality.png`` and
 ``results.json`` into ``--out``.
