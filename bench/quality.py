@@ -228,14 +228,10 @@ def run_seed(seed: int, p: dict[str, int], out: Path, extra: list[str]) -> dict[
         paths[method] = str(run_dir / "final")
         rows = read_metrics(run_dir / "metrics.jsonl")
         result["curves"][method] = [r for r in rows if r["step"] >= p["warmup"]]
-        result["stage_s"][method] = sum(
-            r["s_per_step"] for r in rows if "s_per_step" in r and r["step"] >= p["warmup"]
-        )
-    result["warmup_s"] = sum(
-        r["s_per_step"]
-        for r in read_metrics(gad_dir / "metrics.jsonl")
-        if "s_per_step" in r and r["step"] < p["warmup"]
-    )
+        seconds = [(r["step"], r["s_per_step"]) for r in rows if "s_per_step" in r]
+        result["stage_s"][method] = sum(s for step, s in seconds if step >= p["warmup"])
+        if method == "gad":  # the shared warmup ran in GAD's run only
+            result["warmup_s"] = sum(s for step, s in seconds if step < p["warmup"])
     sets = eval_sets(cfg, tokenizer, seed, p["eval_n"])
     group = RolloutGroup(cfg, student, cpus_per_rollout_worker(cfg))  # one vLLM for all rows
     try:
@@ -311,11 +307,11 @@ def markdown(
     for row in (*METHODS, "teacher"):
         cells = [f"{fmt(agg[row]['id'].get(t))} / {fmt(agg[row]['ood'].get(t))}" for t in tasks]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", signature_text(results, p)]
+    lines += ["", signature_text(results)]
     return "\n".join(lines) + "\n"
 
 
-def stage_change(curve: list[dict], key: str, p: dict[str, int]) -> float | None:
+def stage_change(curve: list[dict], key: str) -> float | None:
     """Mean of ``key`` over the last third of the GAD stage minus its first third."""
     pts = [r[key] for r in curve if key in r and "event" not in r]
     if len(pts) < 2:
@@ -324,7 +320,7 @@ def stage_change(curve: list[dict], key: str, p: dict[str, int]) -> float | None
     return statistics.mean(pts[-third:]) - statistics.mean(pts[:third])
 
 
-def signature_text(results: list[dict], p: dict[str, int]) -> str:
+def signature_text(results: list[dict]) -> str:
     """The hacking signature over the GAD stage: reward up, length up, accuracy down (and, for
     the frozen D, d_acc down: the student learns to fool the warmup's D)."""
     lines = [
@@ -344,10 +340,10 @@ def signature_text(results: list[dict], p: dict[str, int]) -> str:
                 ev["final"] - ev["after_warmup"] if {"final", "after_warmup"} <= ev.keys() else None
             )
             cells = [
-                stage_change(curve, "reward_mean", p),
-                stage_change(curve, "len_ratio", p),
-                stage_change(curve, "d_acc", p),
-                stage_change(curve, "g_kl", p),
+                stage_change(curve, "reward_mean"),
+                stage_change(curve, "len_ratio"),
+                stage_change(curve, "d_acc"),
+                stage_change(curve, "g_kl"),
                 eval_change,
             ]
             lines.append(

@@ -90,9 +90,7 @@ class WarmupConfig(_Strict):
     discriminator: bool = True
     epochs: float = Field(1.0, ge=0)
     max_steps: int | None = Field(None, ge=0)
-    generator_lr: float | None = Field(
-        None, gt=0
-    )  # G's SFT lr in warmup (None: generator_optim.lr)
+    generator_lr: float | None = Field(None, gt=0)  # G's SFT lr in warmup; None: generator_optim.lr
 
 
 class GADStageConfig(_Strict):

@@ -132,9 +132,6 @@ class DeepSpeedEngine(Engine):
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
-
     def named_full_params(
         self, dtype: torch.dtype | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:

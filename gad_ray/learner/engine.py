@@ -39,6 +39,7 @@ class Engine(ABC):
 
     module: nn.Module  # call it like the unwrapped model (forward is sharding-aware)
     grad_factor: float  # multiply each micro-batch loss by this before ``backward``
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # from :func:`build_scheduler`
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
@@ -48,13 +49,14 @@ class Engine(ABC):
     def step(self) -> float:
         """Clip, optimizer step, LR-schedule step, zero grads; return the pre-clip grad norm."""
 
-    @abstractmethod
     def lr(self) -> float:
-        """The learning rate the next ``step`` uses (local, not collective)."""
+        """The learning rate the next ``step`` uses (local, not collective): the optimizer's,
+        which :meth:`set_base_lr` changes at once (``get_last_lr`` lags until the next step)."""
+        return float(self.scheduler.optimizer.param_groups[0]["lr"])
 
     def set_base_lr(self, lr: float) -> None:
         """Switch the schedule's base learning rate (a new stage); saved with the checkpoint."""
-        set_base_lr(self.scheduler.optimizer, self.scheduler, lr)
+        set_base_lr(self.scheduler, lr)
 
     @abstractmethod
     def named_full_params(
@@ -161,9 +163,6 @@ class FSDP2Engine(Engine):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
 
     def named_full_params(
         self, dtype: torch.dtype | None = None

@@ -52,11 +52,10 @@ def build_scheduler(
     )
 
 
-def set_base_lr(
-    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float
-) -> None:
+def set_base_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
     """Give a LambdaLR schedule a new base LR, keeping its position (the factor stays)."""
-    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
-    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [lr for _ in groups]
+    for group, fn in zip(groups, scheduler.lr_lambdas, strict=True):
         group["initial_lr"] = lr
         group["lr"] = lr * fn(scheduler.last_epoch)

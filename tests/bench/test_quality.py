@@ -42,6 +42,12 @@ def test_quality_quick_writes_table_and_plot(tmp_path):
             assert 0.0 <= s["accuracy"] <= 1.0 and s["len_ratio"] > 0
         shares = [scores[row]["id"][k] for k in ("most_probable", "valid_minor", "invalid")]
         assert abs(sum(shares) - 1.0) < 1e-9
+    warmup = 4  # the --quick preset's warmup steps
+    for method in ("seqkd", "gad_frozen_d"):  # both continue from GAD's warmup checkpoint
+        rows = (out / "runs" / f"{method}-s0" / "metrics.jsonl").read_text().splitlines()
+        assert min(json.loads(r)["step"] for r in rows) == warmup
+    assert results[0]["warmup_s"] > 0
+    assert all(results[0]["stage_s"][m] > 0 for m in ("seqkd", "gad", "gad_frozen_d"))
     for method in ("gad", "gad_frozen_d"):  # GAD-stage curves from the driver's metrics
         curve = results[0]["curves"][method]
         assert any("reward_mean" in r for r in curve)

@@ -13,9 +13,12 @@ def _steps(run_dir):
 
 
 def test_gad_runs_warmup_then_gad_and_exports(ray_session, make_cfg):
-    run_dir = train(make_cfg())
+    cfg = make_cfg("algorithm.warmup.generator_lr=3e-3")
+    run_dir = train(cfg)
     steps = _steps(run_dir)
     assert [r["stage"] for r in steps] == ["warmup", "warmup", "gad", "gad"]
+    lr = cfg.algorithm.generator_optim.lr  # the SFT warmup has its own LR, GAD the optimizer's
+    assert [r["g_lr"] for r in steps] == pytest.approx([3e-3, 3e-3, lr, lr])
     warm, gad = steps[0], steps[-1]
     for key in (
         "d_loss",
