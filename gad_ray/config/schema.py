@@ -8,6 +8,7 @@ message names each offending key and value.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -30,9 +31,9 @@ class ModelSpec(_Strict):
 
     path: str
     tokenizer: str | None = None  # defaults to ``path``
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
-        "auto"  # auto: bf16 on GPU, fp32 on CPU
-    )
+    # The COMPUTE dtype (forward/backward, rollout weights, HF export); trained weights and
+    # optimizer state are always fp32 masters. auto: bf16 on GPU, fp32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
     max_context: int | None = Field(None, gt=0)  # overrides the model's max_position_embeddings
 
@@ -91,12 +92,31 @@ class WarmupConfig(_Strict):
     epochs: float = Field(1.0, ge=0)
     max_steps: int | None = Field(None, ge=0)
     generator_lr: float | None = Field(None, gt=0)  # G's SFT lr in warmup; None: generator_optim.lr
+    d_only_steps: int = Field(0, ge=0)  # the first k warmup steps update D only (authors: 10)
 
 
 class GADStageConfig(_Strict):
     steps: int = Field(1600, ge=0)
-    critic_warmup: int = Field(0, ge=0)  # first k GAD steps update D only
+    d_only_steps: int = Field(0, ge=0)  # the first k GAD steps update D only
     d_steps_per_g_step: int = Field(1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_critic_warmup(cls, raw: Any) -> Any:
+        """``critic_warmup`` (GAD has no critic) is the old name of ``d_only_steps``."""
+        if not isinstance(raw, dict) or "critic_warmup" not in raw:
+            return raw
+        raw = dict(raw)
+        old = raw.pop("critic_warmup")
+        if old is not None:
+            warnings.warn(
+                f"algorithm.gad.critic_warmup={old} is deprecated (GAD has no critic); "
+                "use algorithm.gad.d_only_steps (taken as its value now)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            raw["d_only_steps"] = old
+        return raw
 
 
 class ProxyKDConfig(_Strict):
@@ -181,7 +201,6 @@ class LearnerConfig(_Strict):
     discriminator_ranks: int = Field(1, ge=1)
     micro_batch_size: int = Field(4, ge=1)  # sequences per micro batch per rank
     max_tokens_per_micro_batch: int | None = Field(None, gt=0)  # dynamic batching budget
-    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
     param_offload: bool = False
     optimizer_offload: bool = False
     reference_offload: bool = False
@@ -396,6 +415,15 @@ def _combination_problems(cfg: Config):
             f"algorithm.proxy_kd.sft_fraction + dpo_fraction = "
             f"{alg.proxy_kd.sft_fraction + alg.proxy_kd.dpo_fraction} leaves no data for the student"
         )
+    trained = {"model.student": cfg.model.student, "model.discriminator": cfg.model.discriminator}
+    if alg.proxy_kd.proxy is not None:
+        trained["algorithm.proxy_kd.proxy"] = alg.proxy_kd.proxy
+    for key, spec in trained.items():
+        if spec.dtype == "float16":
+            yield (
+                f"{key}.dtype=float16: fp16 training needs loss scaling, which gad-ray does not "
+                "do; use bfloat16 (fp32 master weights, bf16 compute)"
+            )
     if cfg.cluster.gpus_per_node == 0 and cfg.rollout.weight_sync == "nccl":
         yield "rollout.weight_sync=nccl needs GPUs (cluster.gpus_per_node=0)"
     if cfg.cluster.placement == "colocated" and cfg.rollout.weight_sync == "nccl":

@@ -34,8 +34,7 @@ from gad_ray.discriminator.model import (
     last_response_index,
 )
 from gad_ray.learner.checkpoint import export_hf
-from gad_ray.learner.engine import build_engine
-from gad_ray.learner.generator import master_dtype
+from gad_ray.learner.engine import MASTER_DTYPE, build_engine, compute_dtype
 from gad_ray.learner.group import LearnerGroup
 from gad_ray.learner.worker import LearnerWorker
 from gad_ray.models.loading import load_tokenizer, model_max_context
@@ -102,13 +101,16 @@ class DiscriminatorWorker(LearnerWorker):
     def setup(self) -> None:
         spec = self.cfg.model.discriminator
         model = DiscriminatorModel.from_pretrained(
-            self.model_path, dtype=master_dtype(spec), seed=self.cfg.seed
+            self.model_path, dtype=MASTER_DTYPE, seed=self.cfg.seed
         )
         self.hf_config = model.config
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optim = self.cfg.algorithm.discriminator_optim
-        self.engine = build_engine(model, self.cfg.learner, optim, self.device, self.total_steps)
+        dtype = compute_dtype(spec, self.device)
+        self.engine = build_engine(
+            model, self.cfg.learner, optim, self.device, dtype, self.total_steps
+        )
 
     def _scores(self, mb: TokenBatch) -> torch.Tensor:
         return self.engine.module(
@@ -133,8 +135,9 @@ class DiscriminatorWorker(LearnerWorker):
         return self.train_step(batch, plan, loss_fn)
 
     def save_pretrained(self, path: str) -> None:
-        """HF ``ForSequenceClassification`` export (+ the student's tokenizer) by rank 0."""
-        state = self.engine.full_state_dict()
+        """HF ``ForSequenceClassification`` export (+ the student's tokenizer) by rank 0, in
+        the compute dtype."""
+        state = self.engine.full_state_dict(self.engine.dtype)
         if self.rank == 0:
             tok = load_tokenizer(self.tokenizer_path)
             export_hf(path, state, self.hf_config, tok, AutoModelForSequenceClassification)

@@ -91,7 +91,9 @@ class DiscriminatorModel(nn.Module):
         ).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         h = hidden[rows, last_index.to(hidden.device)]
-        return self.score(h.to(self.score.weight.dtype)).squeeze(-1)
+        # a fresh [B] tensor, not a view: FSDP2 hooks the root's output for its pre-backward
+        # all-gather, and an in-place op on a view of it would skip that hook
+        return self.score(h.to(self.score.weight.dtype)).squeeze(-1).clone()
 
     def gradient_checkpointing_enable(self) -> None:
         self.model.gradient_checkpointing_enable({"use_reentrant": False})

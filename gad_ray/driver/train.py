@@ -63,7 +63,8 @@ class Trainer:
     # Algorithm 1
 
     def warmup_step(self, examples: list[TokenizedExample], step: int) -> dict[str, Any]:
-        """Warmup: D learns teacher vs current student; G imitates the teacher (SFT)."""
+        """Warmup: D learns teacher vs current student; G imitates the teacher (SFT), except in
+        the first ``warmup.d_only_steps`` steps."""
         metrics: dict[str, Any] = {}
         teacher = self.teacher_batch(examples)
         if self.alg.warmup.discriminator:
@@ -71,7 +72,8 @@ class Trainer:
             with self.timer("d_update"):
                 metrics |= prefix("d_", self.discriminator.train_bt(teacher, student, pairs))
             metrics |= sample_stats(samples, teacher)
-        if self.alg.warmup.generator:
+        d_only = self.alg.warmup.discriminator and step < self.alg.warmup.d_only_steps
+        if self.alg.warmup.generator and not d_only:
             with self.timer("g_update"):
                 metrics |= prefix("g_", self.generator.train_sft(teacher))
             self.rollout_stale = True
@@ -93,7 +95,7 @@ class Trainer:
             for _ in range(self.alg.gad.d_steps_per_g_step):
                 with self.timer("d_update"):
                     metrics |= prefix("d_", self.discriminator.train_bt(teacher, student, pairs))
-        if step - self.warmup_steps >= self.alg.gad.critic_warmup:
+        if step - self.warmup_steps >= self.alg.gad.d_only_steps:
             with self.timer("g_update"):
                 metrics |= prefix("g_", self.generator.train_grpo(student, advantages))
             self.rollout_stale = True

@@ -9,8 +9,9 @@ Gradient accumulation is ours: the config sets ``managed_gradient_accumulation: 
 partitioned gradient buffers, AVERAGED over ranks, hence ``grad_factor = world size``) and
 every ``step`` is the accumulation boundary: clip by the global norm, AdamW step, LR step. Losses
 are passed with ``scale_wrt_gas=False`` (they already carry the global denominator). The
-optimizer is our ``torch.optim.AdamW`` (no DeepSpeedCPUAdam build), wrapped by ZeRO, which keeps
-fp32 master weights (bf16 compute on GPU, fp32 on CPU).
+optimizer is our ``torch.optim.AdamW`` (no DeepSpeedCPUAdam build), wrapped by ZeRO. With bf16
+compute DeepSpeed holds the module in bf16 and keeps the fp32 masters in the ZeRO optimizer
+(partitioned, checkpointed with it); :meth:`DeepSpeedEngine.named_full_params` reads those.
 
 Frozen models (the GRPO reference): ZeRO-3 partitions them like the trained model (an engine
 without optimizer); with ZeRO-2 they are plain replicated modules.
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gad_ray.config.schema import LearnerConfig, OptimConfig
-from gad_ray.learner.engine import Engine, compute_dtype
+from gad_ray.learner.engine import MASTER_DTYPE, Engine
 from gad_ray.learner.optim import build_optimizer, build_scheduler
 
 CHECKPOINT_TAG = "deepspeed"
@@ -49,9 +50,11 @@ def deepspeed_config(
     lcfg: LearnerConfig,
     ocfg: OptimConfig | None,
     device: torch.device,
+    dtype: torch.dtype,
     offload_params: bool | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict of a learner (``ocfg=None``: a frozen, forward-only model)."""
+    """The DeepSpeed config dict of a learner with ``dtype`` compute (``ocfg=None``: a frozen,
+    forward-only model)."""
     on_gpu = device.type == "cuda"
     zero: dict[str, Any] = {"stage": lcfg.zero_stage, "overlap_comm": False}
     if offload_params is None:
@@ -64,7 +67,7 @@ def deepspeed_config(
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,
-        "bf16": {"enabled": compute_dtype(lcfg, device) == torch.bfloat16},
+        "bf16": {"enabled": dtype == torch.bfloat16},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -93,10 +96,23 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _named_full(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full parameters one at a time (gathered under ZeRO-3), detached copies."""
+    """Full module parameters one at a time (gathered under ZeRO-3), detached copies."""
     for name, p in _unwrap(model).named_parameters():
         with _gathered([p]):
             yield name, p.detach().clone()
+
+
+def _named_masters(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The optimizer's full fp32 master of each trained parameter, one at a time (collective);
+    the module parameter itself where ZeRO keeps no separate master (frozen ones)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, p in _unwrap(engine).named_parameters():
+        master = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if master is None:
+            with _gathered([p]):
+                master = p.detach().clone()
+        yield name, master.to(MASTER_DTYPE)
 
 
 class DeepSpeedEngine(Engine):
@@ -108,17 +124,19 @@ class DeepSpeedEngine(Engine):
         lcfg: LearnerConfig,
         ocfg: OptimConfig,
         device: torch.device,
+        dtype: torch.dtype,
         total_steps: int | None = None,
     ) -> None:
         deepspeed = _import_deepspeed(device)
-        self.device = device
+        self.device, self.dtype = device, dtype
+        model = model.to(device, MASTER_DTYPE)  # ZeRO's masters start from these fp32 weights
         optimizer = build_optimizer(model.parameters(), ocfg)
         scheduler = build_scheduler(optimizer, ocfg, total_steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model.to(device),
+            model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(lcfg, ocfg, device),
+            config=deepspeed_config(lcfg, ocfg, device, dtype),
             dist_init_required=False,
         )
         self.module = self.ds
@@ -135,15 +153,8 @@ class DeepSpeedEngine(Engine):
     def named_full_params(
         self, dtype: torch.dtype | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, full in _named_full(self.ds):
+        for name, full in _named_masters(self.ds):
             yield name, full if dtype is None else full.to(dtype)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, full in _named_full(self.ds):
-            if dist.get_rank() == 0:
-                out[name] = full.cpu()
-        return out
 
     def save(self, path: str, frozen: dict[str, nn.Module]) -> None:
         self.ds.save_checkpoint(path, tag=CHECKPOINT_TAG)
@@ -171,7 +182,7 @@ class DeepSpeedEngine(Engine):
             _load_full(m, torch.load(file, weights_only=True))
 
     def copy_params_to(self, frozen: nn.Module) -> None:
-        _load_full(frozen, dict(_named_full(self.ds)))
+        _load_full(frozen, dict(_named_masters(self.ds)))
 
 
 def _load_full(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -185,15 +196,15 @@ def _load_full(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def build_frozen_deepspeed(
-    model: nn.Module, lcfg: LearnerConfig, device: torch.device
+    model: nn.Module, lcfg: LearnerConfig, device: torch.device, dtype: torch.dtype
 ) -> nn.Module:
-    """A forward-only copy: ZeRO-3 partitioned (params offloaded to CPU with
-    ``reference_offload`` on GPU) or, under ZeRO-2, a replicated module in the compute dtype."""
+    """A forward-only copy in ``dtype``: ZeRO-3 partitioned (params offloaded to CPU with
+    ``reference_offload`` on GPU) or, under ZeRO-2, a replicated module."""
     model.requires_grad_(False)
     if lcfg.zero_stage != 3:
-        return model.to(device, compute_dtype(lcfg, device)).eval()
+        return model.to(device, dtype).eval()
     deepspeed = _import_deepspeed(device)
-    config = deepspeed_config(lcfg, None, device, offload_params=lcfg.reference_offload)
+    config = deepspeed_config(lcfg, None, device, dtype, offload_params=lcfg.reference_offload)
     engine, *_ = deepspeed.initialize(
         model=model.to(device), config=config, dist_init_required=False
     )

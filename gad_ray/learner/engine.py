@@ -4,6 +4,11 @@ An :class:`Engine` owns one trainable model plus its optimizer and LR schedule o
 an initialised ``torch.distributed`` group. Workers only ever call the methods below, so a
 backend (FSDP2 here, DeepSpeed in ``deepspeed_engine.py``) is a drop-in replacement.
 
+Precision: trained weights and optimizer state are fp32 ``MASTER_DTYPE``; the model spec's
+``dtype`` is only the COMPUTE dtype (FSDP2 ``MixedPrecisionPolicy(param_dtype=compute,
+reduce_dtype=fp32)``, DeepSpeed bf16 with fp32 masters). A bf16 master would round away an Adam
+step at lr 1e-6: the bf16 spacing near a weight of 0.02 is ~1.2e-4.
+
 Gradient convention: backends AVERAGE gradients over ranks, so a worker multiplies each
 micro-batch loss by ``engine.grad_factor`` (the world size) to get the gradient of the global
 loss, whose micro-batch terms are already divided by the global denominator.
@@ -18,7 +23,6 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
@@ -29,7 +33,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
-from gad_ray.config.schema import LearnerConfig, OptimConfig
+from gad_ray.config.schema import LearnerConfig, ModelSpec, OptimConfig
 from gad_ray.learner import checkpoint
 from gad_ray.learner.optim import build_optimizer, build_scheduler, set_base_lr
 
@@ -38,6 +42,7 @@ class Engine(ABC):
     """One trainable model on one rank. All methods are collective unless noted."""
 
     module: nn.Module  # call it like the unwrapped model (forward is sharding-aware)
+    dtype: torch.dtype  # the compute dtype (masters are fp32)
     grad_factor: float  # multiply each micro-batch loss by this before ``backward``
     scheduler: torch.optim.lr_scheduler.LambdaLR  # from :func:`build_scheduler`
 
@@ -62,11 +67,13 @@ class Engine(ABC):
     def named_full_params(
         self, dtype: torch.dtype | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every parameter, gathered to full size one at a time, on every rank (same order)."""
+        """Every fp32 master parameter (cast to ``dtype`` if given), gathered to full size one
+        at a time, on every rank (same order)."""
 
-    @abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full model state dict on CPU on rank 0 (empty on the other ranks)."""
+    def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The full parameters (cast to ``dtype``) on CPU on rank 0, empty on the other ranks."""
+        rank0 = dist.get_rank() == 0
+        return {n: t.cpu() for n, t in self.named_full_params(dtype) if rank0}
 
     @abstractmethod
     def save(self, path: str, frozen: dict[str, nn.Module]) -> None:
@@ -81,11 +88,15 @@ class Engine(ABC):
         """Copy this model's current parameters into a frozen model built by ``build_frozen``."""
 
 
-def compute_dtype(cfg: LearnerConfig, device: torch.device) -> torch.dtype:
-    """bf16 when asked, or on GPU with ``mixed_precision: auto``; fp32 otherwise."""
-    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
+MASTER_DTYPE = torch.float32  # of every trained weight and its optimizer state
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """The spec's compute dtype; ``auto`` is bf16 on GPU and fp32 on CPU."""
+    if spec.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[spec.dtype]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -139,11 +150,12 @@ class FSDP2Engine(Engine):
         lcfg: LearnerConfig,
         ocfg: OptimConfig,
         device: torch.device,
+        dtype: torch.dtype,
         total_steps: int | None = None,
     ) -> None:
         offload = (lcfg.param_offload or lcfg.optimizer_offload) and device.type == "cuda"
-        self.device = device
-        self.module = _shard(model, _mesh(device), compute_dtype(lcfg, device), offload)
+        self.device, self.dtype = device, dtype
+        self.module = _shard(model.to(MASTER_DTYPE), _mesh(device), dtype, offload)
         self.grad_factor = float(dist.get_world_size())
         self.grad_clip = ocfg.grad_clip
         self.optimizer = build_optimizer(self.module.parameters(), ocfg)
@@ -172,10 +184,6 @@ class FSDP2Engine(Engine):
             full = _full(p, self.device)
             yield name, full if dtype is None else full.to(dtype)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.module, options=opts)
-
     def save(self, path: str, frozen: dict[str, nn.Module]) -> None:
         checkpoint.save_sharded(path, self.module, self.optimizer, self.scheduler, frozen)
 
@@ -198,23 +206,27 @@ def build_engine(
     lcfg: LearnerConfig,
     ocfg: OptimConfig,
     device: torch.device,
+    dtype: torch.dtype,
     total_steps: int | None = None,
 ) -> Engine:
-    """The engine of ``lcfg.backend`` around ``model`` (an unwrapped fp32/bf16 HF model)."""
+    """The engine of ``lcfg.backend`` training ``model`` (an unwrapped HF-style model, made
+    fp32) with ``dtype`` compute."""
     if lcfg.backend == "deepspeed":
         from gad_ray.learner.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, lcfg, ocfg, device, total_steps)
-    return FSDP2Engine(model, lcfg, ocfg, device, total_steps)
+        return DeepSpeedEngine(model, lcfg, ocfg, device, dtype, total_steps)
+    return FSDP2Engine(model, lcfg, ocfg, device, dtype, total_steps)
 
 
-def build_frozen(model: nn.Module, lcfg: LearnerConfig, device: torch.device) -> nn.Module:
-    """A forward-only copy sharded like the trained model (``learner.reference_offload`` on GPU
-    keeps its shards on CPU)."""
+def build_frozen(
+    model: nn.Module, lcfg: LearnerConfig, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
+    """A forward-only copy in the compute ``dtype``, sharded like the trained model
+    (``learner.reference_offload`` on GPU keeps its shards on CPU)."""
+    model.requires_grad_(False).to(dtype)
     if lcfg.backend == "deepspeed":
         from gad_ray.learner.deepspeed_engine import build_frozen_deepspeed
 
-        return build_frozen_deepspeed(model, lcfg, device)
-    model.requires_grad_(False)
+        return build_frozen_deepspeed(model, lcfg, device, dtype)
     offload = lcfg.reference_offload and device.type == "cuda"
-    return _shard(model, _mesh(device), compute_dtype(lcfg, device), offload).eval()
+    return _shard(model, _mesh(device), dtype, offload).eval()

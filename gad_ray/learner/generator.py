@@ -1,8 +1,12 @@
 """The generator (student policy) learner: log-probs, SFT and GRPO steps, weight sync.
 
-Each rank holds a shard of the policy (trained) and, for GRPO, of a frozen reference policy
-(the KL anchor of SPEC §2), initialised from the same weights; ``reset_reference`` re-snapshots
-it from the current policy (the driver calls it after the warmup stage).
+Each rank holds a shard of the policy (trained, fp32 masters, ``model.student.dtype`` compute)
+and, for GRPO, of a frozen reference policy (the KL anchor, in the compute dtype), initialised
+from the same weights; ``reset_reference`` re-snapshots it from the current policy (the driver
+calls it after the warmup stage).
+
+GRPO's log-probs (new, old and reference alike) are those of ``softmax(logits / T)`` with T the
+sampling temperature, the distribution the samples were drawn from (docs/algorithms.md).
 """
 
 from __future__ import annotations
@@ -25,34 +29,36 @@ from gad_ray.algorithms import (
     sft_loss_mat,
     token_logprobs,
 )
-from gad_ray.config.schema import Config, ModelSpec
+from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch
 from gad_ray.learner import checkpoint
-from gad_ray.learner.engine import build_engine, build_frozen, compute_dtype
+from gad_ray.learner.engine import MASTER_DTYPE, build_engine, build_frozen, compute_dtype
 from gad_ray.learner.group import LearnerGroup
 from gad_ray.learner.worker import LearnerWorker
 from gad_ray.models.loading import load_causal_lm, load_tokenizer, model_max_context
 from gad_ray.placement import RolePlacement
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def master_dtype(spec: ModelSpec) -> torch.dtype:
-    """Dtype of the trained weights: fp32 for ``auto`` (bf16 compute comes from the engine)."""
-    return _DTYPES.get(spec.dtype, torch.float32)
-
 
 def policy_logprobs(
-    model: nn.Module, mb: TokenBatch, with_entropy: bool = False
+    model: nn.Module,
+    mb: TokenBatch,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Aligned log-probs [b, t] of ``mb``'s tokens (position t: token t given < t; 0 at t=0) and,
-    optionally, the entropy [b, t] of the distribution each token was drawn from."""
+    """Aligned log-probs [b, t] of ``mb``'s tokens under ``softmax(logits / temperature)``
+    (position t: token t given < t; 0 at t=0) and, with ``entropy``, the entropy [b, t] of that
+    distribution: detached unless ``entropy_grad`` (no [tokens, vocab] graph is kept for a
+    metric)."""
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
     logits = logits[:, :-1]
-    logp = F.pad(token_logprobs(logits, mb.input_ids[:, 1:]), (1, 0))
-    if not with_entropy:
+    logp = F.pad(token_logprobs(logits, mb.input_ids[:, 1:], temperature), (1, 0))
+    if not entropy:
         return logp, None
-    return logp, F.pad(entropy_from_logits(logits), (1, 0))
+    if entropy_grad:
+        return logp, F.pad(entropy_from_logits(logits, temperature), (1, 0))
+    with torch.no_grad():
+        return logp, F.pad(entropy_from_logits(logits.detach(), temperature), (1, 0))
 
 
 def _check_batch(batch: TokenBatch, method: str) -> None:
@@ -96,26 +102,29 @@ class GeneratorWorker(LearnerWorker):
 
     def setup(self) -> None:
         spec, lcfg = self.cfg.model.student, self.cfg.learner
-        model = load_causal_lm(self.model_path, dtype=master_dtype(spec))
+        dtype = compute_dtype(spec, self.device)
+        model = load_causal_lm(self.model_path, dtype=MASTER_DTYPE)
         self.hf_config = model.config
         if spec.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable({"use_reentrant": False})
         optim = self.cfg.algorithm.generator_optim
-        self.engine = build_engine(model, lcfg, optim, self.device, self.total_steps)
+        self.engine = build_engine(model, lcfg, optim, self.device, dtype, self.total_steps)
         if self.with_reference:
-            ref = load_causal_lm(self.model_path, dtype=master_dtype(spec))
-            self.reference = build_frozen(ref, lcfg, self.device)
+            ref = load_causal_lm(self.model_path, dtype=dtype)
+            self.reference = build_frozen(ref, lcfg, self.device, dtype)
 
     def frozen_models(self) -> dict[str, nn.Module]:
         return {"reference": self.reference} if self.reference is not None else {}
 
     # -- forward-only ---------------------------------------------------------------------
     def logprobs(
-        self, batch: TokenBatch, plan: list[list[int]]
+        self, batch: TokenBatch, plan: list[list[int]], temperature: float = 1.0
     ) -> tuple[list[int], list[torch.Tensor]]:
         self.engine.module.eval()
-        return self.forward_plan(batch, plan, lambda mb: policy_logprobs(self.engine.module, mb)[0])
+        return self.forward_plan(
+            batch, plan, lambda mb: policy_logprobs(self.engine.module, mb, temperature)[0]
+        )
 
     # -- training -------------------------------------------------------------------------
     def train_sft(self, batch: TokenBatch, plan: list[list[int]], den: float) -> dict[str, float]:
@@ -136,11 +145,14 @@ class GeneratorWorker(LearnerWorker):
         num_tokens: float,
     ) -> dict[str, float]:
         g = self.cfg.algorithm.grpo
+        temp = g.temperature  # the sampling distribution: softmax(logits / T)
 
         def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
             mask, t = mb.response_mask, mb.input_ids.shape[1]
             adv = advantages[rows, :t].to(self.device)
-            logp, ent = policy_logprobs(self.engine.module, mb, with_entropy=True)
+            logp, ent = policy_logprobs(
+                self.engine.module, mb, temp, entropy=True, entropy_grad=bool(g.entropy_coef)
+            )
             old = logp.detach() if old_logprobs is None else old_logprobs[rows, :t].to(self.device)
             pg_mat, stats = ppo_clip_loss(
                 logp, old, adv, mask, g.clip_low, g.clip_high, g.dual_clip
@@ -155,7 +167,7 @@ class GeneratorWorker(LearnerWorker):
             }
             if self.reference is not None:
                 with torch.no_grad():
-                    ref, _ = policy_logprobs(self.reference, mb)
+                    ref, _ = policy_logprobs(self.reference, mb, temp)
                 kl = aggregate_loss(
                     kl_penalty(logp, ref, g.kl_estimator), mask, g.loss_agg_mode, den
                 )
@@ -208,18 +220,11 @@ class GeneratorWorker(LearnerWorker):
         self.engine.copy_params_to(self.reference)
 
     # -- export ---------------------------------------------------------------------------
-    def full_params(self) -> dict[str, torch.Tensor]:
-        """Every full parameter on rank 0 (empty dict elsewhere); gathered one at a time."""
-        out = {}
-        for name, t in self.engine.named_full_params():
-            if self.rank == 0:
-                out[name] = t.cpu()
-        return out
-
     def sync_weights(self, rollout_workers: list[Any]) -> dict[str, float]:
-        """All ranks gather full parameters in lockstep; rank 0 streams them to the workers."""
+        """All ranks gather full parameters in lockstep; rank 0 streams them to the workers in
+        the compute dtype."""
         rcfg = self.cfg.rollout
-        named = self.engine.named_full_params(compute_dtype(self.cfg.learner, self.device))
+        named = self.engine.named_full_params(self.engine.dtype)
         if self.rank != 0:
             for _ in named:
                 pass
@@ -231,7 +236,8 @@ class GeneratorWorker(LearnerWorker):
         return send_weights(named, rollout_workers, rcfg.bucket_bytes, method)
 
     def save_pretrained(self, path: str) -> None:
-        state = self.engine.full_state_dict()
+        """HF export in the compute dtype (``model.student.dtype``), written by rank 0."""
+        state = self.engine.full_state_dict(self.engine.dtype)
         if self.rank == 0:
             spec = self.cfg.model.student
             tok = load_tokenizer(spec.tokenizer or self.model_path)
@@ -270,11 +276,12 @@ class GeneratorGroup(LearnerGroup):
             total_steps=total_steps,
         )
 
-    def compute_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """Policy log-probs [B, T] of the batch's tokens, zero off the response."""
+    def compute_logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
+        """Policy log-probs [B, T] of the batch's tokens under ``softmax(logits / temperature)``,
+        zero off the response."""
         _check_batch(batch, "GeneratorGroup.compute_logprobs")
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        for indices, rows in self.run_batch("logprobs", batch):
+        for indices, rows in self.run_batch("logprobs", batch, temperature):
             for i, row in zip(indices, rows, strict=True):
                 out[i, : row.shape[0]] = row
         return out * batch.response_mask
@@ -288,10 +295,12 @@ class GeneratorGroup(LearnerGroup):
     def train_grpo(
         self, batch: TokenBatch, advantages: torch.Tensor, old_logprobs: torch.Tensor | None = None
     ) -> dict[str, float]:
-        """One optimizer step of PPO-clip + ``kl_coef`` * KL(reference) - ``entropy_coef`` * H.
+        """One optimizer step of PPO-clip + ``kl_coef`` * KL(reference) - ``entropy_coef`` * H,
+        every log-prob at the sampling temperature ``algorithm.grpo.temperature``.
 
         ``advantages`` are [B] (broadcast to response tokens) or [B, T]; ``old_logprobs`` [B, T]
-        default to the current policy's (on-policy: ratio 1).
+        (of the sampling policy, at that temperature) default to the current policy's
+        (on-policy: ratio 1).
         """
         method = "GeneratorGroup.train_grpo"
         _check_batch(batch, method)
@@ -355,10 +364,6 @@ class GeneratorGroup(LearnerGroup):
     def set_base_lr(self, lr: float) -> None:
         """Switch the optimizer's base learning rate (e.g. SFT warmup -> GAD stage)."""
         self.run("set_base_lr", lr)
-
-    def full_params(self) -> dict[str, torch.Tensor]:
-        """The full parameters (gathered from the shards), for tests and export checks."""
-        return self.run("full_params")
 
     def sync_weights(self, rollout_workers: list[Any]) -> dict[str, float]:
         """Push the current policy into the rollout workers (``gad_ray.rollout.weight_sync``)."""

@@ -123,6 +123,10 @@ class LearnerGroup:
     def load_checkpoint(self, path: str) -> None:
         self.run("load_checkpoint", path)
 
+    def full_params(self) -> dict:
+        """The full fp32 master parameters (gathered from the shards), for checks and tests."""
+        return self.run("full_params")
+
     def save_pretrained(self, path: str) -> None:
         """Hugging Face export (``save_pretrained`` + tokenizer) written by rank 0."""
         self.run("save_pretrained", path)

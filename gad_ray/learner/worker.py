@@ -125,6 +125,10 @@ class LearnerWorker:
         keys = sorted({k for d in gathered for k in d})
         return {k: float(sum(d.get(k, 0.0) for d in gathered)) for k in keys}
 
+    def full_params(self) -> dict[str, torch.Tensor]:
+        """Every full fp32 master parameter on rank 0 (empty dict elsewhere)."""
+        return self.engine.full_state_dict()
+
     # -- checkpoints -----------------------------------------------------------------------
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         """Extra untrained models saved with the checkpoint (e.g. the reference policy)."""

@@ -1,6 +1,8 @@
 """HFRolloutWorker: the RolloutWorker interface on transformers ``generate`` (``rollout=hf``),
 for machines without vLLM. Slower (one prompt at a time, n samples batched), same results
-contract: raw per-token logprobs of the sampled tokens, ``stop`` / ``length``, per-prompt seeds.
+contract: per-token log-probs of the sampled tokens under ``softmax(logits / temperature)``,
+(after top-p when ``top_p < 1``), ``stop`` / ``length``, seeds of their own per prompt (its n
+samples are one batched draw).
 """
 
 import warnings
@@ -11,7 +13,7 @@ import torch.distributed as dist
 
 from gad_ray.config.schema import RolloutConfig
 from gad_ray.models.loading import load_causal_lm
-from gad_ray.rollout.types import Sample, check_request
+from gad_ray.rollout.types import Sample, check_request, sample_seed
 from gad_ray.rollout.vllm_worker import resolve_dtype
 from gad_ray.rollout.weight_sync import (
     Meta,
@@ -59,7 +61,8 @@ class HFRolloutWorker:
         seed: int | None = None,
         prompt_indices: list[int] | None = None,
     ) -> list[Sample]:
-        """``n`` samples per prompt, prompt-major; prompt ``i`` uses seed ``seed + index``."""
+        """``n`` samples per prompt, prompt-major; prompt ``i``'s batch of n is drawn from seed
+        ``sample_seed(seed, index)``; log-probs at ``temperature`` (raw when greedy)."""
         check_request(
             prompt_ids,
             n,
@@ -73,7 +76,7 @@ class HFRolloutWorker:
         indices = list(range(len(prompt_ids))) if prompt_indices is None else prompt_indices
         samples = []
         for i, ids in zip(indices, prompt_ids, strict=True):
-            torch.manual_seed(self.seed if seed is None else seed + i)
+            torch.manual_seed(self.seed if seed is None else sample_seed(seed, i))
             budget = min(max_tokens, self.max_model_len - len(ids))
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
             out = self.model.generate(
@@ -84,11 +87,12 @@ class HFRolloutWorker:
                 eos_token_id=sorted(self.eos_ids),
                 pad_token_id=self.pad_id,
                 return_dict_in_generate=True,
-                output_logits=True,
+                output_scores=True,
                 **(sampling if temperature > 0 else {"do_sample": False}),
             )
             new = out.sequences[:, len(ids) :]
-            logps = torch.stack(out.logits, 1).float().log_softmax(-1)
+            # the processed scores (after temperature and top-p), like vLLM's processed logprobs
+            logps = torch.stack(out.scores, 1).float().log_softmax(-1)
             logps = logps.gather(-1, new[:, : logps.shape[1], None]).squeeze(-1)
             for row, lp in zip(new.tolist(), logps.tolist(), strict=True):
                 end = next((k + 1 for k, t in enumerate(row) if t in self.eos_ids), None)

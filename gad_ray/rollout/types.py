@@ -3,14 +3,17 @@
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 FinishReason = Literal["stop", "length"]
 
 
 @dataclass
 class Sample:
     """One sampled response: its prompt's index in the request, the response token ids (ending
-    with EOS when ``finish_reason == "stop"``), the raw (not temperature-scaled) log-probability
-    of each sampled token, and why generation ended (EOS, or ``max_tokens`` / the context)."""
+    with EOS when ``finish_reason == "stop"``), the log-probability of each sampled token under
+    the distribution it was drawn from (``softmax(logits / temperature)``; raw logits when
+    greedy), and why generation ended (EOS, or ``max_tokens`` / the context)."""
 
     prompt_index: int
     token_ids: list[int]
@@ -20,6 +23,15 @@ class Sample:
     @property
     def length(self) -> int:
         return len(self.token_ids)
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int = 0) -> int:
+    """A 31-bit seed of its own for sample ``sample_index`` of prompt ``prompt_index`` of a
+    request seeded ``seed``: hashed, so no two (seed, prompt, sample) share an RNG stream (with
+    ``seed + index`` prompt i's sample j would reuse prompt i+1's sample j-1, and one step's
+    seeds the next step's)."""
+    words = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, prompt_index, sample_index]
+    return int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)
 
 
 def check_request(

@@ -16,7 +16,7 @@ import torch
 
 from gad_ray.config.schema import RolloutConfig
 from gad_ray.models.loading import VLLM_CPU_ENV, VLLM_CPU_LLM_KWARGS, model_max_context
-from gad_ray.rollout.types import Sample, check_request
+from gad_ray.rollout.types import Sample, check_request, sample_seed
 from gad_ray.rollout.weight_sync import Meta
 
 EXTENSION = "gad_ray.rollout.weight_sync.WeightSyncExtension"
@@ -40,6 +40,8 @@ def engine_kwargs(
         "max_model_len": max_model_len,
         "max_num_seqs": cfg.max_num_seqs,
         "worker_extension_cls": EXTENSION,
+        # log-probs of the distribution sampled from (logits / T), like the learner's
+        "logprobs_mode": "processed_logprobs",
     }
     if on_gpu:
         tp = cfg.tensor_parallel_size
@@ -118,9 +120,11 @@ class RolloutWorker:
         seed: int | None = None,
         prompt_indices: list[int] | None = None,
     ) -> list[Sample]:
-        """``n`` samples per prompt, prompt-major. Prompt ``i`` is sampled with seed
-        ``seed + prompt_indices[i]``, so results do not depend on how a batch is split.
-        ``temperature=0`` is greedy (its one result repeated ``n`` times)."""
+        """``n`` samples per prompt, prompt-major. Sample j of prompt ``i`` is one request seeded
+        ``sample_seed(seed, prompt_indices[i], j)``, so results do not depend on how a batch is
+        split and no two samples share an RNG stream. ``temperature=0`` is greedy (its one
+        result repeated ``n`` times). Log-probs are vLLM's processed ones (after temperature,
+        and top-p when ``top_p < 1``)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -137,28 +141,31 @@ class RolloutWorker:
         if self.sleeping:
             raise RuntimeError(f"rollout worker is asleep ({self.sleeping}); call wake_up first")
         indices = list(range(len(prompt_ids))) if prompt_indices is None else prompt_indices
-        copies = n if temperature == 0 else 1  # vLLM refuses n > 1 with greedy sampling
-        params = [
-            SamplingParams(
-                n=n // copies,
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=max_tokens,
-                seed=None if seed is None else seed + i,
-                logprobs=0,
-            )
-            for i in indices
-        ]
-        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        requests = n if temperature > 0 else 1  # one request per sample; greedy: one, copied
+        prompts, params = [], []
+        for i, ids in zip(indices, prompt_ids, strict=True):
+            for j in range(requests):
+                prompts.append(TokensPrompt(prompt_token_ids=list(ids)))
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=temperature,
+                        top_p=top_p,
+                        max_tokens=max_tokens,
+                        seed=None if seed is None else sample_seed(seed, i, j),
+                        logprobs=0,
+                    )
+                )
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         samples = []
-        for i, out in zip(indices, outputs, strict=True):
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                if c.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"prompt {i}: vLLM finished with {c.finish_reason!r}")
-                ids = list(c.token_ids)
-                lps = [step[t].logprob for step, t in zip(c.logprobs, ids, strict=True)]
-                samples += [Sample(i, list(ids), list(lps), c.finish_reason) for _ in range(copies)]
+        for k, out in enumerate(outputs):
+            i = indices[k // requests]
+            (c,) = out.outputs
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"prompt {i}: vLLM finished with {c.finish_reason!r}")
+            ids = list(c.token_ids)
+            lps = [step[t].logprob for step, t in zip(c.logprobs, ids, strict=True)]
+            samples += [Sample(i, ids, lps, c.finish_reason) for _ in range(n // requests)]
         return samples
 
     # -- weight sync (see gad_ray.rollout.weight_sync) -----------------------------------------

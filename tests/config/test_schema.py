@@ -131,7 +131,21 @@ def test_paper_recipe_has_spec_numbers():
     assert a.generator_optim.lr == a.discriminator_optim.lr == 1e-6
     assert a.generator_optim.grad_clip == a.discriminator_optim.grad_clip == 0.2
     assert a.generator_optim.weight_decay == 0.01 and g.kl_coef == 0.001
+    assert a.warmup.d_only_steps == 10  # the authors' warmup starts with 10 D-only steps
     assert cfg.rollout.tensor_parallel_size == 2 and cfg.rollout.gpu_memory_utilization == 0.7
     assert cfg.learner.max_tokens_per_micro_batch == 12288 and cfg.trainer.save_every == 50
     assert cfg.model.student.path == "Qwen/Qwen2.5-7B-Instruct"
     assert cfg.model.student.gradient_checkpointing
+
+
+def test_d_only_steps_and_the_deprecated_critic_warmup():
+    with pytest.warns(FutureWarning, match=r"critic_warmup=3 is deprecated.*d_only_steps"):
+        cfg = compose(["algorithm.gad.critic_warmup=3"])
+    assert cfg.algorithm.gad.d_only_steps == 3
+    assert "critic_warmup" not in cfg.model_dump()["algorithm"]["gad"]
+    assert compose(["algorithm=seqkd"]).algorithm.warmup.d_only_steps == 0  # SeqKD has no D
+
+
+def test_fp16_training_is_rejected_naming_the_key():
+    with pytest.raises(ConfigError, match=r"model\.student\.dtype=float16.*bfloat16"):
+        validate_config(_raw(model__student__dtype="float16"), check_model_context=False)

@@ -21,6 +21,7 @@ def tiny_overrides(run_dir, *extra: str) -> list[str]:
         "data.prompts_per_step=4",
         "algorithm.grpo.n_samples=2",
         "algorithm.warmup.epochs=0.5",
+        "algorithm.warmup.d_only_steps=0",
         "algorithm.gad.steps=2",
         "learner.micro_batch_size=2",
         "rollout.kv_cache_memory_bytes=33554432",

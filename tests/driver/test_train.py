@@ -77,12 +77,17 @@ def test_frozen_discriminator_is_not_updated_in_gad(ray_session, make_cfg):
     assert all("d_acc" in r and "reward_mean" in r for r in gad)  # the hacking signal is logged
 
 
-def test_warmup_ablations_and_critic_warmup(ray_session, make_cfg):
-    run_dir = train(make_cfg("algorithm.warmup.generator=false", "algorithm.gad.critic_warmup=1"))
+def test_warmup_ablations_and_d_only_steps(ray_session, make_cfg):
+    run_dir = train(make_cfg("algorithm.warmup.generator=false", "algorithm.gad.d_only_steps=1"))
     steps = _steps(run_dir)
     assert all("g_loss" not in r for r in steps if r["stage"] == "warmup")
     gad = [r for r in steps if r["stage"] == "gad"]
     assert "g_pg_loss" not in gad[0] and "g_pg_loss" in gad[1]  # first GAD step: D only
+    # the authors' warmup: its first k steps update D only, then D and G
+    steps = _steps(train(make_cfg("algorithm.warmup.d_only_steps=1", run_dir=run_dir.parent / "w")))
+    warm = [r for r in steps if r["stage"] == "warmup"]
+    assert "d_loss" in warm[0] and "g_loss" not in warm[0]
+    assert "d_loss" in warm[1] and "g_loss" in warm[1]
 
 
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(ray_session, make_cfg, tmp_path):

@@ -61,10 +61,13 @@ def make_token_batch(seed: int = 0, n: int = 6, vocab: int = 2000, pad_id: int =
     return make_batch(prompts, responses, pad_id)
 
 
-def ref_logprobs(model: torch.nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def ref_logprobs(
+    model: torch.nn.Module, batch: TokenBatch, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropy of ``softmax(logits / temperature)``, aligned with the tokens."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    logp = F.pad(token_logprobs(logits, batch.input_ids[:, 1:]), (1, 0))
-    return logp, F.pad(entropy_from_logits(logits), (1, 0))
+    logp = F.pad(token_logprobs(logits, batch.input_ids[:, 1:], temperature), (1, 0))
+    return logp, F.pad(entropy_from_logits(logits, temperature), (1, 0))
 
 
 class ReferenceTrainer:
@@ -95,12 +98,12 @@ class ReferenceTrainer:
 
     def grpo(self, batch: TokenBatch, adv: torch.Tensor, old: torch.Tensor | None) -> dict:
         g, mask = self.cfg.algorithm.grpo, batch.response_mask
-        logp, ent = ref_logprobs(self.model, batch)
+        logp, ent = ref_logprobs(self.model, batch, g.temperature)  # the sampling distribution
         old = logp.detach() if old is None else old
         pg_mat, stats = ppo_clip_loss(logp, old, adv, mask, g.clip_low, g.clip_high, g.dual_clip)
         pg = aggregate_loss(pg_mat, mask, g.loss_agg_mode)
         with torch.no_grad():
-            ref, _ = ref_logprobs(self.ref, batch)
+            ref, _ = ref_logprobs(self.ref, batch, g.temperature)
         kl = aggregate_loss(kl_penalty(logp, ref, g.kl_estimator), mask, g.loss_agg_mode)
         loss = pg + g.kl_coef * kl
         n = float(mask.sum())

@@ -57,10 +57,11 @@ def test_deepspeed_generator_steps_match_reference_and_resume(
 
 def test_deepspeed_config_from_learner_config(tiny_model_dir):
     cfg = make_cfg(tiny_model_dir, backend="deepspeed", zero_stage=3, param_offload=True)
-    cpu = deepspeed_config(cfg.learner, cfg.algorithm.generator_optim, torch.device("cpu"))
+    optim = cfg.algorithm.generator_optim
+    cpu = deepspeed_config(cfg.learner, optim, torch.device("cpu"), torch.float32)
     assert cpu["zero_optimization"] == {"stage": 3, "overlap_comm": False}  # no offload on CPU
     assert cpu["bf16"] == {"enabled": False} and cpu["gradient_clipping"] == 1.0
     assert cpu["managed_gradient_accumulation"] is False
-    gpu = deepspeed_config(cfg.learner, cfg.algorithm.generator_optim, torch.device("cuda"))
+    gpu = deepspeed_config(cfg.learner, optim, torch.device("cuda"), torch.bfloat16)
     assert gpu["bf16"] == {"enabled": True}
     assert gpu["zero_optimization"]["offload_param"]["device"] == "cpu"

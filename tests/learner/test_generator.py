@@ -2,17 +2,25 @@
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from gad_ray.algorithms import broadcast_to_tokens
 from gad_ray.data.batch import make_batch
 from gad_ray.learner import GeneratorGroup, LearnerError
 from gad_ray.models.loading import ModelLoadError
 
+T = 0.8  # make_cfg's algorithm.grpo.temperature (the default): GRPO's log-probs use it
+
 
 def _steps(group: GeneratorGroup, batch, adv, noise) -> dict:
-    """logprobs, SFT, GRPO with given old logprobs, on-policy GRPO; then the parameters."""
-    out = {"logprobs": group.compute_logprobs(batch), "sft": group.train_sft(batch)}
-    out["old"] = group.compute_logprobs(batch) + noise
+    """logprobs (T=1 and T), SFT, GRPO with given old logprobs, on-policy GRPO; parameters."""
+    assert group.cfg.algorithm.grpo.temperature == T
+    out = {
+        "logprobs": group.compute_logprobs(batch),
+        "logprobs_t": group.compute_logprobs(batch, T),
+    }
+    out["sft"] = group.train_sft(batch)
+    out["old"] = group.compute_logprobs(batch, T) + noise
     out["grpo"] = group.train_grpo(batch, adv, out["old"])
     out["grpo_on_policy"] = group.train_grpo(batch, adv)
     out["params"] = group.full_params()
@@ -34,7 +42,11 @@ def runs(ray_session, tiny_model_dir, lh):
         plan = two.plan(batch)
         results = {"two": _steps(two, batch, adv, noise), "one": _steps(one, batch, adv, noise)}
         ref = lh.ReferenceTrainer(tiny_model_dir, two.cfg)
-        expect = {"logprobs": lh.ref_logprobs(ref.model, batch)[0].detach() * batch.response_mask}
+        mask = batch.response_mask
+        expect = {
+            "logprobs": lh.ref_logprobs(ref.model, batch)[0].detach() * mask,
+            "logprobs_t": lh.ref_logprobs(ref.model, batch, T)[0].detach() * mask,
+        }
         expect["sft"] = ref.sft(batch)
         tokens_adv = broadcast_to_tokens(adv, batch.response_mask)
         expect["grpo"] = ref.grpo(batch, tokens_adv, results["two"]["old"])
@@ -53,12 +65,28 @@ def test_two_rank_plan_has_several_micro_batches_and_padding(runs):
 
 
 def test_logprobs_match_single_process(runs):
-    want = runs["expect"]["logprobs"]
-    for who in ("two", "one"):
-        got = runs[who]["logprobs"]
-        assert got.shape == runs["batch"].input_ids.shape
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for key in ("logprobs", "logprobs_t"):
+        want = runs["expect"][key]
+        for who in ("two", "one"):
+            got = runs[who][key]
+            assert got.shape == runs["batch"].input_ids.shape
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (runs["two"]["logprobs"][runs["batch"].response_mask == 0] == 0).all()
+
+
+def test_logprobs_at_temperature_by_hand(runs, tiny_model_dir):
+    """log p_T(y_t) = z_t[y_t] / T - logsumexp(z_t / T), from the model's raw logits z."""
+    batch = runs["batch"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        z = model(input_ids=batch.input_ids[:1], attention_mask=batch.attention_mask[:1]).logits
+    t = int(batch.response_mask[0].nonzero()[0])  # the first response token of row 0
+    y = int(batch.input_ids[0, t])
+    zt = z[0, t - 1].double()
+    by_hand = zt[y] / T - torch.log(torch.exp(zt / T).sum())
+    got = runs["expect"]["logprobs_t"][0, t].double()  # the reference of the group's check
+    assert float(got) == pytest.approx(float(by_hand), abs=1e-5)
+    assert abs(float(by_hand) - float(runs["expect"]["logprobs"][0, t])) > 1e-3
 
 
 def test_sft_step_matches_single_process(runs, lh):

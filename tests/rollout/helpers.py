@@ -7,12 +7,15 @@ from gad_ray.algorithms import token_logprobs
 from gad_ray.rollout.types import Sample
 
 
-def reference_logprobs(model: PreTrainedModel, prompt: list[int], sample: Sample) -> torch.Tensor:
-    """The learner's recomputation: fp32 logits on prompt+response, ``token_logprobs``."""
+def reference_logprobs(
+    model: PreTrainedModel, prompt: list[int], sample: Sample, temperature: float = 1.0
+) -> torch.Tensor:
+    """The learner's recomputation: fp32 logits on prompt+response, ``token_logprobs`` at
+    ``temperature``."""
     ids = torch.tensor([prompt + sample.token_ids])
     with torch.no_grad():
         logits = model(ids).logits.float()
-    lps = token_logprobs(logits[:, :-1], ids[:, 1:])[0]
+    lps = token_logprobs(logits[:, :-1], ids[:, 1:], temperature)[0]
     return lps[len(prompt) - 1 :]
 
 

@@ -30,9 +30,11 @@ def test_samples_seeds_and_logprobs(worker, tiny_model_dir):
         s.token_ids for s in a
     ]
     model = load_causal_lm(str(tiny_model_dir)).eval()
-    for s in a:  # raw (temperature-1) logprobs of the sampled tokens, as the learner computes
-        ref = reference_logprobs(model, PROMPTS[s.prompt_index], s)
+    c = worker.generate(PROMPTS, 3, 0.8, 1.0, 6, seed=4)
+    for s in c:  # log-probs at the sampling temperature, as the learner computes them
+        ref = reference_logprobs(model, PROMPTS[s.prompt_index], s, 0.8)
         torch.testing.assert_close(torch.tensor(s.logprobs), ref, atol=1e-4, rtol=0)
+        assert not torch.allclose(ref, reference_logprobs(model, PROMPTS[s.prompt_index], s))
 
 
 def test_context_truncation_and_bad_prompts(worker):

@@ -57,12 +57,24 @@ def test_same_seed_same_samples(worker):
     assert [s.token_ids for s in alone] == [s.token_ids for s in a[3:6]]
 
 
-def test_logprobs_match_learner_recomputation(worker, tiny_model_dir):
+def test_logprobs_match_learner_recomputation_at_the_sampling_temperature(worker, tiny_model_dir):
     model = load_causal_lm(str(tiny_model_dir)).eval()
-    samples = gen(worker, n=2, temperature=0.7, max_tokens=10, seed=5)
-    for s in samples:
-        ref = reference_logprobs(model, PROMPTS[s.prompt_index], s)
+    samples = gen(worker, n=2, temperature=0.8, max_tokens=10, seed=5)
+    for s in samples:  # vLLM's processed log-probs: softmax(logits / 0.8)
+        ref = reference_logprobs(model, PROMPTS[s.prompt_index], s, 0.8)
         torch.testing.assert_close(torch.tensor(s.logprobs), ref, atol=1e-4, rtol=0)
+        raw = reference_logprobs(model, PROMPTS[s.prompt_index], s, 1.0)
+        assert (ref - raw).abs().max() > 1e-2  # T = 1 log-probs would not pass the check above
+
+
+def test_every_sample_has_its_own_seed(worker):
+    """Sample j of prompt i must not share an RNG stream with sample j-1 of prompt i+1 (as
+    ``seed + i + j`` would make it): the same prompt twice in a batch gets different samples."""
+    same = [[5, 6, 7], [5, 6, 7]]
+    a = gen(worker, prompts=same, n=2, temperature=1.0, max_tokens=8, seed=0)
+    assert len({tuple(s.token_ids) for s in a}) == 4
+    b = gen(worker, prompts=same, n=2, temperature=1.0, max_tokens=8, seed=1)
+    assert not {tuple(s.token_ids) for s in a} & {tuple(s.token_ids) for s in b}
 
 
 def test_truncation_at_max_tokens_and_context(worker):
