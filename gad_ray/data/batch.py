@@ -78,6 +78,22 @@ def make_batch(
     return TokenBatch(input_ids, attention_mask, response_mask, p_lens, r_lens)
 
 
+def concat_batches(a: TokenBatch, b: TokenBatch) -> TokenBatch:
+    """Rows of ``a`` then rows of ``b``, right-padded (pad id 0, masked) to the longer width."""
+    t = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, t - x.shape[1]))
+
+    return TokenBatch(
+        input_ids=torch.cat([pad(a.input_ids), pad(b.input_ids)]),
+        attention_mask=torch.cat([pad(a.attention_mask), pad(b.attention_mask)]),
+        response_mask=torch.cat([pad(a.response_mask), pad(b.response_mask)]),
+        prompt_lens=torch.cat([a.prompt_lens, b.prompt_lens]),
+        response_lens=torch.cat([a.response_lens, b.response_lens]),
+    )
+
+
 def balanced_partition(weights: list[int], k: int, equal_size: bool = False) -> list[list[int]]:
     """Split ``range(len(weights))`` into ``k`` groups of near-equal weight sums.
 

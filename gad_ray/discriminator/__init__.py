@@ -1,7 +1,7 @@
-"""The discriminator D (SPEC §2): a causal-LM backbone + scalar head scored at the last response
+"""The discriminator D (docs/algorithms.md §2): a causal-LM backbone + scalar head scored at the last response
 token, trained with the Bradley-Terry loss by a group of Ray actors."""
 
-from gad_ray.discriminator.learner import DiscriminatorGroup, DiscriminatorWorker, concat_batches
+from gad_ray.discriminator.learner import DiscriminatorGroup, DiscriminatorWorker
 from gad_ray.discriminator.model import (
     DiscriminatorModel,
     check_discriminator_tokenizer,
@@ -14,7 +14,6 @@ __all__ = [
     "DiscriminatorModel",
     "DiscriminatorWorker",
     "check_discriminator_tokenizer",
-    "concat_batches",
     "discriminator_source",
     "last_response_index",
 ]

@@ -1,5 +1,5 @@
-"""The Proxy-KD proxy learner (SPEC §3): SFT and iterative DPO on teacher responses, then the
-top-k targets the student distils from.
+"""The Proxy-KD proxy learner (docs/algorithms.md §4): SFT and iterative DPO on teacher
+responses, then the top-k targets the student distils from.
 
 The proxy is a generator learner in the student's place: :func:`proxy_view` gives the generator
 code a config whose ``model.student``, ``algorithm.generator_optim`` and
@@ -7,28 +7,20 @@ code a config whose ``model.student``, ``algorithm.generator_optim`` and
 (``reset_reference``: the previous DPO iteration's proxy), checkpoints, export and weight sync
 are the generator's.
 
-A DPO pair's loss is nonlinear in both of its sequences' mean log-probs, so, like the
-discriminator's BT step, a DPO step takes two passes over one combined batch (chosen rows, then
-rejected rows), split freely over ranks and micro-batches:
-
-1. a no-grad forward gives each row's mean token log-prob under the proxy and the reference;
-2. on the host, autograd of the global mean DPO loss (``dpo_loss``) with respect to the proxy's
-   per-row values gives ``c_i = dL/dlogp_i``;
-3. a training pass backpropagates the surrogate ``sum_i c_i * logp_i(theta)`` per micro-batch,
-   whose gradient is exactly ``dL/dtheta`` (dropout is 0, so both passes see the same model).
+A DPO pair's loss is nonlinear in both of its sequences' mean log-probs, so a DPO step is the
+exact two-pass surrogate step of :meth:`~gad_ray.learner.group.LearnerGroup.surrogate_step`
+over one combined batch (chosen rows, then rejected rows); each row's values are its mean token
+log-prob under the proxy (differentiable) and under the reference (a constant).
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 import torch.nn.functional as F
 
 from gad_ray.algorithms import dpo_loss, proxy_topk, seq_mean_logp, token_logprobs
 from gad_ray.config.schema import Config
-from gad_ray.data.batch import TokenBatch
-from gad_ray.discriminator.learner import concat_batches
+from gad_ray.data.batch import TokenBatch, concat_batches
 from gad_ray.learner.generator import GeneratorGroup, GeneratorWorker, _check_batch, policy_logprobs
 from gad_ray.learner.group import LearnerGroup
 from gad_ray.models.loading import model_max_context
@@ -47,55 +39,20 @@ def proxy_view(cfg: Config) -> Config:
     return view
 
 
-def dpo_coefficients(
-    logps: torch.Tensor, ref_logps: torch.Tensor, beta: float, sft_weight: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """``dL/dlogp`` [2P] of the mean DPO loss over P pairs (rows i and P+i: chosen, rejected),
-    from per-row mean log-probs of the proxy and the reference, plus ``dpo_loss``'s metrics."""
-    p = len(logps) // 2
-    x = logps.detach().double().requires_grad_(True)
-    ref = ref_logps.double()
-    loss, metrics = dpo_loss(x[:p], x[p:], ref[:p], ref[p:], beta, sft_weight, "mean")
-    loss.backward()
-    metrics |= {
-        "loss": loss.item(),
-        "chosen_logp": logps[:p].mean().item(),
-        "rejected_logp": logps[p:].mean().item(),
-    }
-    return x.grad.float(), metrics
-
-
 class ProxyWorker(GeneratorWorker):
     """One rank of the proxy learner (its ``cfg`` is a :func:`proxy_view`)."""
 
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)
 
-    def dpo_logps(
-        self, batch: TokenBatch, plan: list[list[int]]
-    ) -> tuple[list[int], list[torch.Tensor]]:
-        """Per row: [mean token log-prob under the proxy, under the reference]."""
+    def row_values(self, mb: TokenBatch) -> torch.Tensor:
+        """Per row: [mean token log-prob under the proxy, under the frozen reference]."""
         if self.reference is None:
-            raise RuntimeError("dpo_logps: this proxy learner was built without a reference")
-        self.engine.module.eval()
-
-        def fn(mb: TokenBatch) -> torch.Tensor:
-            pol = seq_mean_logp(policy_logprobs(self.engine.module, mb)[0], mb.response_mask)
+            raise RuntimeError("train_dpo: this proxy learner was built without a reference")
+        pol = seq_mean_logp(policy_logprobs(self.engine.module, mb)[0], mb.response_mask)
+        with torch.no_grad():
             ref = seq_mean_logp(policy_logprobs(self.reference, mb)[0], mb.response_mask)
-            return torch.stack([pol, ref], dim=-1)
-
-        return self.forward_plan(batch, plan, fn)
-
-    def train_dpo_surrogate(
-        self, batch: TokenBatch, plan: list[list[int]], coef: torch.Tensor
-    ) -> dict[str, float]:
-        """One optimizer step on ``sum_i coef_i * logp_i`` (see the module docstring)."""
-
-        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
-            logp = seq_mean_logp(policy_logprobs(self.engine.module, mb)[0], mb.response_mask)
-            return (coef[rows].to(self.device) * logp.float()).sum(), {}
-
-        return self.train_step(batch, plan, loss_fn)
+        return torch.stack([pol, ref.to(pol.dtype)], dim=-1)
 
     @torch.no_grad()
     def topk(
@@ -170,23 +127,21 @@ class ProxyGroup(GeneratorGroup):
                 f"{method}: {len(chosen)} chosen rows but {len(rejected)} rejected rows; "
                 "each chosen row pairs with the rejected row of the same index"
             )
-        start = time.perf_counter()
-        both = concat_batches(chosen, rejected)
-        values = torch.zeros(len(both), 2)
-        for indices, rows in self.run_batch("dpo_logps", both):
-            for i, row in zip(indices, rows, strict=True):
-                values[i] = row
-        pk = self.cfg.algorithm.proxy_kd
-        coef, metrics = dpo_coefficients(values[:, 0], values[:, 1], pk.dpo_beta, pk.dpo_sft_weight)
-        out = self.run_batch("train_dpo_surrogate", both, coef)[0]
-        seconds = time.perf_counter() - start
-        return {
-            **metrics,
-            "grad_norm": out["grad_norm"],
-            "lr": out["lr"],
-            "tokens_per_s": both.num_tokens() / seconds,
-            "step_s": seconds,
-        }
+        pk, p = self.cfg.algorithm.proxy_kd, len(chosen)
+
+        def loss(values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            x, ref = values[:, 0], values[:, 1]
+            out, metrics = dpo_loss(
+                x[:p], x[p:], ref[:p], ref[p:], pk.dpo_beta, pk.dpo_sft_weight, "mean"
+            )
+            metrics |= {
+                "loss": out.item(),
+                "chosen_logp": x[:p].mean().item(),
+                "rejected_logp": x[p:].mean().item(),
+            }
+            return out, metrics
+
+        return self.surrogate_step(concat_batches(chosen, rejected), loss)
 
     def topk(self, batch: TokenBatch, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The student's distillation targets from one proxy forward: ``(top_logp, top_ids,

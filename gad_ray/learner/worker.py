@@ -118,6 +118,30 @@ class LearnerWorker:
         )
         return out
 
+    # -- two-pass surrogate steps (see LearnerGroup.surrogate_step) ---------------------------
+    def row_values(self, mb: TokenBatch) -> torch.Tensor:
+        """Per-row values [b, k] of a surrogate step; column 0 is the differentiable one, the
+        rest are constants the host loss also needs (e.g. a reference's)."""
+        raise NotImplementedError(f"{type(self).__name__} has no surrogate step")
+
+    def surrogate_values(
+        self, batch: TokenBatch, plan: list[list[int]]
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """Pass 1: :meth:`row_values` without gradient, per global row."""
+        self.engine.module.eval()
+        return self.forward_plan(batch, plan, self.row_values)
+
+    def train_surrogate(
+        self, batch: TokenBatch, plan: list[list[int]], coef: torch.Tensor
+    ) -> dict[str, float]:
+        """Pass 2: one optimizer step on ``sum_i coef_i * value_i(theta)``."""
+
+        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
+            value = self.row_values(mb)[:, 0]
+            return (coef[rows].to(self.device) * value.float()).sum(), {}
+
+        return self.train_step(batch, plan, loss_fn)
+
     def all_reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
         """Sum each metric over ranks (ranks may lack keys, e.g. after only dummy micro-batches)."""
         gathered: list[Any] = [None] * self.world_size

@@ -9,8 +9,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from gad_ray.algorithms import dpo_loss, proxy_kd_loss, proxy_topk, seq_mean_logp
 from gad_ray.config.schema import validate_config
-from gad_ray.data.batch import make_batch
-from gad_ray.discriminator.learner import concat_batches
+from gad_ray.data.batch import concat_batches, make_batch
 from gad_ray.learner import GeneratorGroup
 from gad_ray.learner.proxy import ProxyGroup, proxy_view
 from gad_ray.models.tiny import build_tokenizer, model_config
