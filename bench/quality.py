@@ -24,7 +24,7 @@ not; the table reports the seconds of each method's post-warmup steps.
 
 Run: ``python bench/quality.py [--out outputs/bench_quality]`` (3 seeds, ~25 min on 2 cores)
 or ``--quick`` (1 seed, a few steps, ~2.5 min: checks the pipeline, not the ranking); ``--set
-KEY=VALUE`` (repeatable) adds a Hydra override to every training run, to try SPEC §2's knobs
+KEY=VALUE`` (repeatable) adds a Hydra override to every training run, to try the knobs of docs/algorithms.md §3.1
 (e.g. ``--set algorithm.generator_optim.lr=2e-4``). Writes ``quality.md``, ``quality.png`` and
 ``results.json`` into ``--out``.
 """

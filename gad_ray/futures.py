@@ -9,19 +9,22 @@ one group keep their order (one thread per group); Ray releases the GIL while a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 
 class AsyncCalls:
-    """Mixin: ``submit(method, *args, **kwargs) -> Future`` of ``getattr(self, method)(...)``."""
+    """Mixin: ``submit(fn, *args, **kwargs) -> Future`` of ``fn(*args, **kwargs)`` on the
+    group's thread, ``fn`` a callable or the name of one of the group's methods."""
 
     _executor: ThreadPoolExecutor | None = None
 
-    def submit(self, method: str, *args: Any, **kwargs: Any) -> Future:
+    def submit(self, fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> Future:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix=type(self).__name__)
-        return self._executor.submit(getattr(self, method), *args, **kwargs)
+        call = getattr(self, fn) if isinstance(fn, str) else fn
+        return self._executor.submit(call, *args, **kwargs)
 
     def close_calls(self) -> None:
         """Drop queued calls (a running one finishes on its own); called by ``shutdown``."""

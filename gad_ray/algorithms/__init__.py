@@ -1,4 +1,4 @@
-"""GAD's losses and advantages as pure tensor functions (SPEC §2-§3); depends only on torch."""
+"""GAD's losses and advantages as pure tensor functions (docs/algorithms.md §2 and §4; code map §6); depends only on torch."""
 
 from .advantages import broadcast_to_tokens, grpo_advantages
 from .losses import (

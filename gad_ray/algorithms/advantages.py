@@ -1,4 +1,4 @@
-"""GRPO advantages: rewards normalised within each prompt's group of samples (SPEC §2)."""
+"""GRPO advantages: rewards normalised within each prompt's group of samples (docs/algorithms.md §2.3)."""
 
 import torch
 

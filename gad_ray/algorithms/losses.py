@@ -30,7 +30,7 @@ def _check_same_1d(**tensors: torch.Tensor) -> None:
 
 def sft_loss_mat(logp: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy ``-logp`` [B, T]; ``aggregate_loss(..., "token-mean")`` gives the
-    token-mean SFT loss of SPEC §2."""
+    token-mean SFT loss of docs/algorithms.md §2.5."""
     return -logp
 
 
@@ -81,7 +81,7 @@ def dpo_loss(
     sft_weight: float = 1.0,
     reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """DPO with an SFT term on the chosen response (Proxy-KD alignment, SPEC §3).
+    """DPO with an SFT term on the chosen response (Proxy-KD alignment, docs/algorithms.md §4.3).
 
     All inputs are per-sequence MEAN token log-probs [B] (see ``seq_mean_logp``); the reference
     ones are constants. Per pair, with rewards ``c = beta*(pc - rc)`` and ``r = beta*(pr - rr)``:
@@ -237,7 +237,7 @@ def proxy_kd_loss(
     token_denominator: float | None = None,
     seq_denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Proxy-KD student loss on teacher-forced responses (SPEC §3):
+    """Proxy-KD student loss on teacher-forced responses (docs/algorithms.md §4.5):
 
         L = CE(student, y) + alpha * mean_b [ w_b * mean_t KL_topk(b, t) ]
 

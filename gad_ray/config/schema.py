@@ -67,7 +67,7 @@ class OptimConfig(_Strict):
 
 
 class GRPOConfig(_Strict):
-    """Sampling, advantages and the PPO-clip objective of SPEC §2."""
+    """Sampling, advantages and the PPO-clip objective of docs/algorithms.md §2.3-§2.4."""
 
     n_samples: int = Field(8, ge=1)
     temperature: float = Field(0.8, gt=0)
@@ -120,7 +120,7 @@ class GADStageConfig(_Strict):
 
 
 class ProxyKDConfig(_Strict):
-    """Proxy-KD (SPEC §3): proxy SFT, iterative DPO, then student distillation."""
+    """Proxy-KD (docs/algorithms.md §4): proxy SFT, iterative DPO, then student distillation."""
 
     proxy: ModelSpec | None = None
     ranks: int = Field(1, ge=1)  # learner ranks of the proxy (its rollout: rollout.num_workers)
@@ -326,7 +326,7 @@ class JudgeConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """``gad-eval``: generate with each model on each set, judge, report (SPEC §4)."""
+    """``gad-eval``: generate with each model on each set, judge, report (docs/algorithms.md §5)."""
 
     models: list[EvalModelSpec] = []
     sets: list[EvalSetSpec] = []

@@ -1,4 +1,4 @@
-"""Tokenize examples with the student's tokenizer and chat template (SPEC §1).
+"""Tokenize examples with the student's tokenizer and chat template (docs/algorithms.md §1.2).
 
 prompt = ``apply_chat_template(messages, add_generation_prompt=True)``; response = the text's
 tokens followed by EOS, or, when that is longer than ``max_response_length``, exactly

@@ -92,7 +92,7 @@ class DiscriminatorWorker(LearnerWorker):
 
 
 class DiscriminatorGroup(LearnerGroup):
-    """``cfg.learner.discriminator_ranks`` actors training D (SPEC §2)."""
+    """``cfg.learner.discriminator_ranks`` actors training D (docs/algorithms.md §2.2)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The discriminator model (SPEC §2): a causal-LM backbone plus a new linear head to one scalar.
+"""The discriminator model (docs/algorithms.md §2.1): a causal-LM backbone plus a new linear head to one scalar.
 
 ``D(x, y)`` is the head's output at the LAST RESPONSE TOKEN (the final non-pad response token of
 the right-padded row), with no sigmoid. Dropout is 0.

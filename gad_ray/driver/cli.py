@@ -1,4 +1,4 @@
-"""``gad-train``: compose and validate the config, then run the driver (SPEC §2)."""
+"""``gad-train``: compose and validate the config, then run the driver (docs/algorithms.md §2.6)."""
 
 from __future__ import annotations
 

@@ -128,7 +128,8 @@ class TeacherData:
         )
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.fetcher = None
-        self.ahead: deque[tuple[int, dict, list[TokenizedExample]]] = deque()
+        # batches read ahead: [data position before it, fetch id, examples, responses in?]
+        self.ahead: deque[list] = deque()
         self.next_id = 0
         if live:
             from gad_ray.teacher.fetcher import TeacherFetcher
@@ -139,25 +140,43 @@ class TeacherData:
             ray.get(self.fetcher.start.remote())  # no key / unreachable endpoint: fails here
 
     def batch_for_step(self, step: int) -> list[TokenizedExample]:
-        if self.fetcher is None:
-            return self.loader.next_batch()
-        while len(self.ahead) < 1 + self.cfg.teacher.prefetch_batches:
+        """The batch of ``step``: the next one in the data order (already fetched by ``peek``)."""
+        self._fill()
+        return self._resolve(self.ahead.popleft(), step)
+
+    def peek(self) -> list[TokenizedExample]:
+        """The next step's batch, without consuming it (the one-step-off pipeline samples it a
+        step early); the data position stays before it."""
+        self._fill()
+        return self._resolve(self.ahead[0], None)
+
+    def _fill(self) -> None:
+        """Read batches ahead: one, plus ``teacher.prefetch_batches`` sent to the fetcher."""
+        depth = 1 + (self.cfg.teacher.prefetch_batches if self.fetcher is not None else 0)
+        while len(self.ahead) < depth:
             state = self.loader.state_dict()
             batch = self.loader.next_batch()
-            self.fetcher.submit.remote(self.next_id, [e.messages for e in batch])
-            self.ahead.append((self.next_id, state, batch))
+            if self.fetcher is not None:
+                self.fetcher.submit.remote(self.next_id, [e.messages for e in batch])
+            self.ahead.append([state, self.next_id, batch, self.fetcher is None])
             self.next_id += 1
-        batch_id, _, batch = self.ahead.popleft()
-        results = ray.get(self.fetcher.get.remote(batch_id))
-        return self._with_responses(batch, results, step)
+
+    def _resolve(self, entry: list, step: int | None) -> list[TokenizedExample]:
+        """The entry's examples with their teacher responses (waiting for the fetcher)."""
+        _, batch_id, batch, resolved = entry
+        if not resolved:
+            results = ray.get(self.fetcher.get.remote(batch_id))
+            entry[2], entry[3] = self._with_responses(batch, results, step), True
+        return entry[2]
 
     def _with_responses(
-        self, batch: list[TokenizedExample], results: list, step: int
+        self, batch: list[TokenizedExample], results: list, step: int | None
     ) -> list[TokenizedExample]:
+        where = f"at step {step}" if step is not None else "for the next step"
         outage = [r for r in results if r.status != "ok" and not r.permanent]
         if outage:
             raise TeacherError(
-                f"teacher API unavailable at step {step}: {len(outage)} of "
+                f"teacher API unavailable {where}: {len(outage)} of "
                 f"{len(results)} requests gave up ({outage[0].error})"
             )
         out = []
@@ -170,13 +189,13 @@ class TeacherData:
             )
         if not out:
             raise TeacherError(
-                f"no teacher response for any prompt of step {step}: {results[0].error}"
+                f"no teacher response for any prompt {where}: {results[0].error}"
             )
         return out
 
     def state_dict(self) -> dict:
         """The data position of the next batch to train on (prefetched batches not counted)."""
-        return self.ahead[0][1] if self.ahead else self.loader.state_dict()
+        return self.ahead[0][0] if self.ahead else self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.ahead.clear()

@@ -1,1 +1,1 @@
-"""Evaluation (SPEC §4): generation, LLM-judge scores, overlap diagnostics, the report."""
+"""Evaluation (docs/algorithms.md §5): generation, LLM-judge scores, overlap diagnostics, the report."""

@@ -1,4 +1,4 @@
-"""LLM-as-a-judge, MT-Bench single-answer grading, reference-guided (SPEC §4).
+"""LLM-as-a-judge, MT-Bench single-answer grading, reference-guided (docs/algorithms.md §5.2).
 
 The judge (any OpenAI-compatible model, temperature 0) sees the question, a reference answer
 and the assistant's answer, reasons, and ends with ``Rating: [[N]]``, N in 1..10. The *last*

@@ -1,6 +1,6 @@
 """Text-overlap diagnostics, length statistics and mean +- 95% confidence intervals.
 
-Overlap (SPEC §4: diagnostics only, they do not track quality): texts are lower-cased and split
+Overlap (docs/algorithms.md §5.4: diagnostics only, they do not track quality): texts are lower-cased and split
 into ``\\w+`` words; n-gram F1 is the F1 of the clipped n-gram multiset overlap, ROUGE-L the
 F1 of the longest common subsequence (precision LCS/|pred|, recall LCS/|ref|).
 

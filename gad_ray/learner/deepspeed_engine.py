@@ -1,7 +1,7 @@
 """The DeepSpeed ZeRO-2/3 :class:`~gad_ray.learner.engine.Engine`.
 
 ``deepspeed.initialize`` shards an ordinary (already built) model: building it inside
-``deepspeed.zero.Init`` fails with transformers 5 (SPEC §5). On CPU, DeepSpeed runs with
+``deepspeed.zero.Init`` fails with transformers 5.19 (DeepSpeed 0.19.8). On CPU, DeepSpeed runs with
 ``DS_ACCELERATOR=cpu`` over the gloo group the worker initialised.
 
 Gradient accumulation is ours: the config sets ``managed_gradient_accumulation: false``, so

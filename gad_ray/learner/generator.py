@@ -246,7 +246,7 @@ class GeneratorWorker(LearnerWorker):
 
 
 class GeneratorGroup(LearnerGroup):
-    """The student policy learner: ``cfg.learner.generator_ranks`` actors (SPEC §2)."""
+    """The student policy learner: ``cfg.learner.generator_ranks`` actors (docs/algorithms.md §2.4-§2.5)."""
 
     def __init__(
         self,
@@ -326,7 +326,7 @@ class GeneratorGroup(LearnerGroup):
         weights: torch.Tensor,
         alpha: float,
     ) -> dict[str, float]:
-        """One optimizer step of the Proxy-KD student loss (SPEC §3) on teacher-forced rows:
+        """One optimizer step of the Proxy-KD student loss (docs/algorithms.md §4.5) on teacher-forced rows:
         token-mean CE + ``alpha`` * sample-weighted top-k KL to the proxy.
 
         ``top_logp``/``top_ids`` [B, T, k] are the proxy's renormalised top-k log-probs and ids

@@ -111,7 +111,7 @@ class ProxyGroup(GeneratorGroup):
         return seq_mean_logp(self.compute_logprobs(batch), batch.response_mask)
 
     def train_dpo(self, chosen: TokenBatch, rejected: TokenBatch) -> dict[str, float]:
-        """One optimizer step of DPO + SFT on the chosen response (SPEC §3) over the pairs
+        """One optimizer step of DPO + SFT on the chosen response (docs/algorithms.md §4.3) over the pairs
         (``chosen`` row i, ``rejected`` row i), against the frozen reference.
 
         Returns ``dpo_loss``'s metrics (``dpo_loss``, ``sft_loss``, ``chosen_reward``,

@@ -1,0 +1,399 @@
+"""The single controller: runs an algorithm's stages (``gad_ray/recipes/``) over role groups.
+
+The driver holds no model. It owns what every algorithm shares: the stage loop, sampling (in
+step with the learners, or one step ahead), weight sync to the rollout workers, D || G updates,
+checkpoints and resume, periodic eval, Ctrl-C, failure messages and per-phase timing. Each step:
+
+    x = the step's prompts + teacher responses
+    if the stage samples:  sync the policy's new weights; y_s ~ rollout   (or: take the samples
+                           generated during the last step, and start the next step's now)
+    metrics = stage.step(driver, x)       role calls + pure functions, a few lines per algorithm
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from gad_ray import recipes
+from gad_ray.config.schema import Config
+from gad_ray.data.batch import TokenBatch, make_batch
+from gad_ray.data.tokenize import TokenizedExample
+from gad_ray.driver import state as st
+from gad_ray.driver.metrics import MetricsLogger, plot_metrics
+from gad_ray.driver.roles import Roles
+from gad_ray.driver.setup import TeacherData, init_ray, load_eval_set
+from gad_ray.driver.stages import Sampling, Stage, StepInput, prefix
+from gad_ray.models.loading import load_tokenizer, resolve_model_path
+from gad_ray.rollout.types import Sample
+
+# metric prefix and timer phase of each learner role's update
+PREFIXES = {"generator": "g", "discriminator": "d", "proxy": "proxy"}
+PENDING_FILE = "pending_samples.pt"
+
+
+class TrainingAborted(RuntimeError):
+    """The run stopped early (a dead actor, a teacher outage); a resumable checkpoint exists."""
+
+
+class Driver:
+    """Runs ``cfg.algorithm.name``'s recipe. ``fit()`` runs (or resumes) it to the end."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = st.prepare_run_dir(cfg)
+        self.student_path = resolve_model_path(cfg.model.student.path)
+        self.tokenizer = load_tokenizer(cfg.model.student.tokenizer or self.student_path)
+        self.data = TeacherData(cfg, self.tokenizer, self.run_dir)
+        self.eval_set = load_eval_set(cfg, self.tokenizer)
+        recipe = recipes.build(cfg, self.data.steps_per_epoch, self.run_dir)
+        self.stages = [s for s in recipe.stages if s.steps > 0]
+        self.starts = [sum(s.steps for s in self.stages[:i]) for i in range(len(self.stages))]
+        self.total_steps = sum(s.steps for s in self.stages)
+        self.state: dict[str, Any] = {}  # a recipe's own state, saved with each checkpoint
+        self.versions: dict[str, int] = {}  # updates per learner role; rollout roles: what they serve
+        self.times: dict[str, float] = {}
+        self.pending: tuple[int, Future, int] | None = None  # (step, samples future, version)
+        self.stop_requested = False
+        self.resume_ckpt = st.find_resume_checkpoint(cfg, self.run_dir)
+        self.step = st.read_trainer_state(self.resume_ckpt)["step"] if self.resume_ckpt else 0
+        init_ray(cfg, recipe.role_sets())
+        try:
+            self.roles = Roles(cfg, self.student_path, recipe.roles, recipe.role_sets())
+            self.current = self.stage_at(self.step)
+            self.ensure_roles(self.current)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.overlap = cfg.trainer.overlap_d_g
+        if self.overlap == "auto":
+            self.overlap = self.roles.disjoint("generator", "discriminator")
+
+    # ---------------------------------------------------------------------------------------
+    # the stage loop
+
+    def fit(self, stop_at: int | None = None) -> Path:
+        """Run (or resume) the stages to the end, or to ``stop_at``; return the run dir."""
+        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
+        step = self.step
+        try:
+            self.resume()
+            logger = MetricsLogger(
+                self.cfg.trainer,
+                self.run_dir,
+                self.total_steps,
+                step,
+                self.cfg.model_dump(mode="json"),
+            )
+            if step == 0:
+                self.enter(self.current, logger, step)
+            elif step in self.starts and self.current.eval_label:  # dropped with the resumed
+                self.log_eval(logger, self.current.eval_label, step)  # steps' records
+            with self.stop_on_sigint():
+                while step < end and not self.stop_requested:
+                    every = self.cfg.trainer.eval_every
+                    if every and step % every == 0 and step > 0 and step not in self.starts:
+                        self.log_eval(logger, "periodic", step)
+                    logger.log(step, self.run_step(self.current, step, end))
+                    step = self.step = step + 1
+                    boundary = step < self.total_steps and self.stage_at(step) is not self.current
+                    new_ckpt_roles = boundary and (
+                        self.stage_at(step).checkpoint != self.current.checkpoint
+                    )
+                    if boundary:
+                        self.switch(self.stage_at(step), logger, step)
+                    if (
+                        self.stop_requested
+                        or step % self.cfg.trainer.save_every == 0
+                        or new_ckpt_roles
+                        or step == end < self.total_steps
+                    ):
+                        self.save(step)
+            if step < self.total_steps:
+                print(
+                    f"\nStopped at step {step} of {self.total_steps}: saved a checkpoint; "
+                    f"rerun with trainer.resume=auto to continue."
+                )
+            else:
+                self.log_eval(logger, "final", step)
+                self.finish()
+            logger.close()
+        except (ray.exceptions.RayError, RuntimeError) as err:
+            raise self.aborted(step, err) from err
+        return self.run_dir
+
+    def stage_at(self, step: int) -> Stage:
+        i = max(i for i, start in enumerate(self.starts) if start <= step) if step else 0
+        return self.stages[min(i, len(self.stages) - 1)]
+
+    def enter(self, stage: Stage, logger: MetricsLogger, step: int) -> None:
+        """Start ``stage``: its roles, its on-enter hook, its eval event."""
+        self.current = stage
+        self.ensure_roles(stage)
+        if stage.on_enter is not None:
+            stage.on_enter(self)
+        if stage.eval_label:
+            self.log_eval(logger, stage.eval_label, step)
+
+    def switch(self, stage: Stage, logger: MetricsLogger, step: int) -> None:
+        if self.current.on_exit is not None:
+            self.current.on_exit(self)
+        self.enter(stage, logger, step)
+
+    def ensure_roles(self, stage: Stage) -> None:
+        """Build the stage's roles (and stop the others); a new rollout role holds its policy's
+        initial weights (version 0)."""
+        for name in self.roles.ensure(stage.roles):
+            if self.roles.is_rollout(name):
+                self.versions[name] = 0
+
+    def run_step(self, stage: Stage, step: int, end: int) -> dict[str, Any]:
+        self.times = {}
+        t0 = time.perf_counter()
+        examples = self.data.batch_for_step(step)
+        teacher = self.batch([e.prompt_ids for e in examples], [e.response_ids for e in examples])
+        x = StepInput(step, step - self.starts[self.stages.index(stage)], examples, teacher)
+        if stage.sampling is not None:
+            self.sample(stage.sampling, x, end)
+        metrics = stage.step(self, x)
+        elapsed = time.perf_counter() - t0
+        metrics |= {f"time/{k}": v for k, v in self.times.items()}
+        metrics |= {"stage": stage.name, "s_per_step": elapsed}
+        metrics["epoch"] = step / self.data.steps_per_epoch
+        if x.samples is not None:
+            metrics["rollout_staleness"] = x.staleness
+            if "generate" in self.times:
+                tokens = sum(s.length for s in x.samples)
+                metrics["gen_tokens_per_s"] = tokens / self.times["generate"]
+        return metrics
+
+    # ---------------------------------------------------------------------------------------
+    # learner updates
+
+    def update(self, calls: dict[str, Any]) -> dict[str, Any]:
+        """Run each learner role's update ``calls[role](group)`` (D || G when
+        ``trainer.overlap_d_g``, else in turn); time, prefix and return their metrics and
+        count the roles' new versions."""
+        if self.overlap and len(calls) > 1:
+            futures = {r: self.roles[r].submit(timed, fn, self.roles[r]) for r, fn in calls.items()}
+            results = {r: f.result() for r, f in futures.items()}
+        else:
+            results = {r: timed(fn, self.roles[r]) for r, fn in calls.items()}
+        out: dict[str, Any] = {}
+        for role, (metrics, seconds) in results.items():
+            self.times[f"{PREFIXES[role]}_update"] = seconds
+            self.versions[role] = self.versions.get(role, 0) + 1
+            out |= prefix(PREFIXES[role] + "_", metrics)
+        return out
+
+    # ---------------------------------------------------------------------------------------
+    # sampling, weight sync, eval
+
+    def sample(self, s: Sampling, x: StepInput, end: int) -> None:
+        """Fill ``x`` with this step's samples: generated now (``trainer.pipeline=sync``), or
+        during the last step with the weights of the step before (``one_step_off``), in which
+        case the next step's generation starts now and runs while this step trains."""
+        if self.pending is not None and self.pending[0] == x.step:
+            _, future, version = self.pending
+        else:
+            future, version = self.launch(s, x.examples, x.step)
+        self.pending = None
+        with self.timer("wait_rollout"):
+            samples, self.times["generate"] = future.result()
+        nxt = x.step + 1
+        if (
+            self.cfg.trainer.pipeline == "one_step_off"
+            and nxt < end
+            and self.stage_at(nxt).sampling == s
+        ):
+            nxt_future, nxt_version = self.launch(s, self.data.peek(), nxt)
+            self.pending = (nxt, nxt_future, nxt_version)
+        x.samples = samples
+        x.staleness = self.versions.get(s.policy, 0) - version
+        x.pairs = torch.tensor([smp.prompt_index for smp in samples], dtype=torch.long)
+        prompts = [x.examples[smp.prompt_index].prompt_ids for smp in samples]
+        x.student = self.batch(prompts, [smp.token_ids for smp in samples])
+        if x.staleness > 0:
+            x.old_logprobs = sample_logprobs(x.student, samples)
+
+    def launch(self, s: Sampling, examples: list[TokenizedExample], step: int) -> tuple[Future, int]:
+        """Push the policy's new weights to the rollout workers (waking them first when they
+        sleep), then start generating ``examples``' samples on the rollout's own thread."""
+        rollout = self.roles[s.rollout]
+        self.wake_and_sync(s.rollout, s.policy)
+        sleep = self.cfg.rollout.sleep_when_idle
+
+        def job() -> tuple[list[Sample], float]:
+            t0 = time.perf_counter()
+            out = rollout.generate(
+                [e.prompt_ids for e in examples],
+                s.n,
+                s.temperature,
+                s.top_p,
+                self.cfg.data.max_response_length,
+                seed=self.cfg.seed * 100_003 + step,
+            )
+            seconds = time.perf_counter() - t0
+            if sleep:
+                rollout.sleep()
+                self.roles.asleep.add(s.rollout)
+            return out, seconds
+
+        return rollout.submit(job), self.versions.get(s.policy, 0)
+
+    def wake_and_sync(self, rollout_role: str, policy: str) -> None:
+        """Colocated: wake vLLM's weights, push the policy's new weights, then its KV cache."""
+        rollout = self.roles[rollout_role]
+        asleep = rollout_role in self.roles.asleep
+        if asleep:
+            rollout.wake_up(["weights"])
+        if self.versions.get(rollout_role, -1) != self.versions.get(policy, 0):
+            with self.timer("weight_sync"):
+                self.roles[policy].sync_weights(rollout.workers)
+            self.versions[rollout_role] = self.versions.get(policy, 0)
+        if asleep:
+            rollout.wake_up(["kv_cache"])
+            self.roles.asleep.discard(rollout_role)
+
+    def log_eval(self, logger: MetricsLogger, label: str, step: int) -> None:
+        """Greedy eval of the student on ``data.eval_path`` (when its rollout role is alive)."""
+        if self.eval_set is None or not self.roles.alive("rollout"):
+            return
+        if self.pending is not None:
+            self.pending[1].result()  # the rollout finishes the next step's samples first
+        self.wake_and_sync("rollout", "generator")
+        scores = self.eval_set.evaluate(self.roles["rollout"], self.cfg.data.max_response_length)
+        logger.log_event(step, label, scores)
+
+    def batch(self, prompts: list[list[int]], responses: list[list[int]]) -> TokenBatch:
+        """Right-padded prompt + response rows of token ids."""
+        return make_batch(prompts, responses, self.tokenizer.pad_token_id)
+
+    @contextmanager
+    def timer(self, phase: str):
+        t0 = time.perf_counter()
+        yield
+        self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+
+    # ---------------------------------------------------------------------------------------
+    # checkpoints, resume, failures
+
+    def save(self, step: int) -> Path:
+        ckpt = st.checkpoint_dir(self.run_dir, step)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        for name in self.current.checkpoint:
+            self.roles[name].save_checkpoint(str(ckpt / name))
+        if self.pending is not None:  # the in-flight samples of the next step travel along
+            nxt, future, version = self.pending
+            samples, seconds = future.result()
+            stale = self.versions.get(self.current.sampling.policy, 0) - version
+            saved = {"step": nxt, "samples": samples, "seconds": seconds, "staleness": stale}
+            torch.save(saved, ckpt / PENDING_FILE)
+        state = {
+            "step": step,
+            "data": self.data.state_dict(),
+            "rng": st.rng_state(),
+            "recipe": self.state,
+        }
+        st.write_trainer_state(ckpt, state)
+        st.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
+        return ckpt
+
+    def resume(self) -> None:
+        """Load the resume checkpoint (if any) into the stage's roles, data position and RNG;
+        the next step's in-flight samples, when the pipeline saved them, are restored too."""
+        ckpt = self.resume_ckpt
+        if ckpt is None:
+            return
+        state = st.read_trainer_state(ckpt)
+        for name in self.current.checkpoint:
+            self.roles[name].load_checkpoint(str(ckpt / name))
+        self.data.load_state_dict(state["data"])
+        st.set_rng_state(state["rng"])
+        self.state = state.get("recipe", {})
+        # restored learners are at version 1, rollout roles (initial weights) unknown: they get
+        # the restored weights before they sample
+        self.versions = dict.fromkeys(self.current.checkpoint, 1)
+        pending = ckpt / PENDING_FILE
+        if pending.is_file():
+            saved = torch.load(pending, weights_only=False)
+            future: Future = Future()
+            future.set_result((saved["samples"], saved["seconds"]))
+            policy = self.current.sampling.policy
+            self.pending = (saved["step"], future, self.versions[policy] - saved["staleness"])
+        self.resume_ckpt = None
+        print(f"Resumed from {ckpt} (step {self.step} of {self.total_steps}).")
+
+    def aborted(self, step: int, err: BaseException) -> TrainingAborted:
+        """A role died or the teacher is unreachable: name it and the checkpoint to resume."""
+        done = st.complete_checkpoints(self.run_dir)
+        where = f"the last checkpoint is {done[-1]}" if done else "no checkpoint was written yet"
+        return TrainingAborted(
+            f"training stopped at step {step}: {type(err).__name__}: {err}\n"
+            f"{where}; fix the cause and rerun with trainer.resume=auto to continue."
+        )
+
+    @contextmanager
+    def stop_on_sigint(self):
+        """First Ctrl-C: finish the current step, save, exit. Second Ctrl-C: stop at once."""
+
+        def handler(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to abort).")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def finish(self) -> None:
+        final = self.run_dir / "final"
+        self.roles["generator"].save_pretrained(str(final))
+        if self.total_steps % self.cfg.trainer.save_every:
+            self.save(self.total_steps)
+        plot = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plot.png")
+        print(
+            f"\nrun dir:     {self.run_dir}\ncheckpoints: {self.run_dir / 'checkpoints'}\n"
+            f"metrics:     {self.run_dir / 'metrics.jsonl'} (TensorBoard: "
+            f"{self.run_dir / 'tensorboard'})\nplot:        {plot}\nstudent:     {final}"
+        )
+
+    def shutdown(self) -> None:
+        if getattr(self, "roles", None) is not None:
+            self.roles.shutdown()
+        self.data.shutdown()
+
+
+def timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    """``fn(*args)`` and the seconds it took."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
+
+
+def sample_logprobs(batch: TokenBatch, samples: list[Sample]) -> torch.Tensor:
+    """The sampling policy's log-probs [B, T] of each sample's tokens, aligned with ``batch``
+    (row i: prompt, then sample i); 0 off the response."""
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p = int(batch.prompt_lens[i])
+        out[i, p : p + s.length] = torch.tensor(s.logprobs, dtype=torch.float32)
+    return out
+
+
+def train(cfg: Config) -> Path:
+    """``gad-train``: build the roles, run the stages, shut the actors down."""
+    driver = Driver(cfg)
+    try:
+        return driver.fit()
+    finally:
+        driver.shutdown()
