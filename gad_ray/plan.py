@@ -198,7 +198,7 @@ def _update(lr: Learner, cfg: Config, tokens: int) -> dict[str, float]:
         out[f"{k} fp32 gradients, 4 B x {_count(p)} / {n}"] = 4 * p / n
     if not zero2:
         copies = 2 if lr.reference else 1
-        what = " (policy + reference)" if lr.reference else ""
+        what = ", + reference" if lr.reference else ""
         out[f"{k} gathered weights, {c} B x (root + 2 layers){what}"] = c * lr.unit * copies
     g = c + 4 if c < 4 else 4
     out[f"{k} unsharded gradients, {g} B x (root + 2 layers)"] = g * lr.unit
@@ -460,31 +460,29 @@ def _header(cfg: Config) -> list[str]:
     c, lc, r = cfg.cluster, cfg.learner, cfg.rollout
     backend = "FSDP2" if lc.backend == "fsdp" else f"DeepSpeed ZeRO-{lc.zero_stage}"
     out = [
-        f"Plan: {cfg.name} (algorithm={cfg.algorithm.name}) on {_n(c.num_nodes, 'node')} x "
+        f"Plan: {cfg.name} (algorithm={cfg.algorithm.name}), {_n(c.num_nodes, 'node')} x "
         f"{_n(c.gpus_per_node, 'GPU')} of {c.gpu_memory_gib:g} GiB, cluster.placement={c.placement}"
     ]
     for lr in learners(cfg):
-        sh = lr.shape
+        sh, d = lr.shape, cfg.model.discriminator.path
         what = cfg.model.student.path if lr.key == "G" else "the student's backbone + scalar head"
-        if lr.key == "D" and cfg.model.discriminator.path != "student":
-            what = cfg.model.discriminator.path
-        out.append(
+        what = d if lr.key == "D" and d != "student" else what
+        out += [
             f"  {lr.key}: {what}, {_count(lr.params)} params ({sh.layers} layers, hidden "
-            f"{sh.hidden}, vocab {sh.vocab}); {_n(lr.ranks, backend + ' rank')}, "
-            f"{'bf16' if lr.c == 2 else 'fp32'} compute, fp32 master weights + AdamW, "
-            f"gradient checkpointing {'on' if lr.checkpointing else 'off'}"
-        )
+            f"{sh.hidden}, vocab {sh.vocab})",
+            f"     {_n(lr.ranks, backend + ' rank')}, {'bf16' if lr.c == 2 else 'fp32'} compute, "
+            f"fp32 master weights + AdamW, gradient checkpointing {'on' if lr.checkpointing else 'off'}",
+        ]
     knobs = "".join(f", learner.{k}=true" for k in OFFLOAD_KNOBS if getattr(lc, k))
     by = "max_tokens_per_micro_batch" if lc.max_tokens_per_micro_batch else "micro_batch_size"
     out.append(f"  micro batches of {micro_batch_tokens(cfg)} tokens (learner.{by}){knobs}")
     share, weights, kv = vllm_bytes(cfg)
-    kv_tokens = kv / kv_bytes_per_token(cfg)
-    out.append(
-        f"  vLLM: {_n(r.num_workers, 'worker')} x tp {r.tensor_parallel_size}, {_gib(share)} per GPU "
-        f"awake: weights {_gib(weights)}, KV cache {_gib(max(kv, 0))} = {kv_tokens / 1e3:.0f}K "
-        "tokens per worker; "
-        + ("asleep while the learners train" if r.sleep_when_idle else "awake throughout")
-    )
+    sleeps = "asleep while the learners train" if r.sleep_when_idle else "awake throughout"
+    out += [
+        f"  vLLM: {_n(r.num_workers, 'worker')} x tp {r.tensor_parallel_size}, {_gib(share)} per "
+        f"GPU awake: weights {_gib(weights)}, KV cache {_gib(max(kv, 0))}",
+        f"     = {kv / kv_bytes_per_token(cfg) / 1e3:.0f}K tokens per worker; {sleeps}",
+    ]
     return out
 
 
