@@ -110,6 +110,8 @@ class GPU:
 
 @dataclass
 class Plan:
+    """A config's plan: the phases, every GPU's estimate, what to print, what does not fit."""
+
     cfg: Config
     phases: tuple[str, ...]
     gpus: list[GPU]
