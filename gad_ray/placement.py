@@ -56,37 +56,56 @@ def role_sizes(cfg: Config) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def plan_placement(cfg: Config, cpus_per_actor: float = 1.0) -> dict[str, RolePlacement]:
-    """Create the pool (a placement group) and say where each role's actors go."""
+@dataclass(frozen=True)
+class Pool:
+    """A GPU pool: the placement group's bundles, and per role (GPUs per actor, the bundle of
+    each actor). Pure data: :func:`pool` builds it from the config without Ray."""
+
+    bundles: list[dict[str, float]]
+    roles: dict[str, tuple[float, list[int]]]
+
+
+def pool(cfg: Config, cpus_per_actor: float = 1.0) -> Pool | None:
+    """The pool of ``cluster.placement`` (None on a CPU-only cluster); a layout that does not
+    fit the cluster's GPUs raises :class:`ConfigError` naming the keys."""
     sizes = role_sizes(cfg)
     total_gpus = cfg.cluster.gpus_per_node * cfg.cluster.num_nodes
     if total_gpus == 0:
-        return {role: RolePlacement(0, cpus_per_actor) for role in sizes}
+        return None
     if cfg.cluster.placement == "disaggregated":
         need = sum(n * g for n, g in sizes.values())
         if need > total_gpus:
             raise ConfigError(_too_many(cfg, sizes, need, total_gpus))
         bundles = [{"GPU": g, "CPU": cpus_per_actor} for n, g in sizes.values() for _ in range(n)]
-        pg = _ready(placement_group(bundles, strategy="PACK"), bundles)
-        out, start = {}, 0
+        roles, start = {}, 0
         for role, (n, g) in sizes.items():
-            out[role] = RolePlacement(g, cpus_per_actor, pg, list(range(start, start + n)))
+            roles[role] = (g, list(range(start, start + n)))
             start += n
-        return out
+        return Pool(bundles, roles)
     if cfg.rollout.tensor_parallel_size != 1:
         raise ConfigError(
             f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size}: colocated "
             "placement runs one vLLM worker per GPU (tensor_parallel_size=1); use "
             "cluster.placement=disaggregated for tensor parallelism"
         )
-    pool = max(n for n, _ in sizes.values())
-    if pool > total_gpus:
-        raise ConfigError(_too_many(cfg, sizes, pool, total_gpus))
-    bundles = [{"GPU": 1, "CPU": cpus_per_actor * len(sizes)} for _ in range(pool)]
-    pg = _ready(placement_group(bundles, strategy="PACK"), bundles)
+    size = max(n for n, _ in sizes.values())
+    if size > total_gpus:
+        raise ConfigError(_too_many(cfg, sizes, size, total_gpus))
+    bundles = [{"GPU": 1, "CPU": cpus_per_actor * len(sizes)} for _ in range(size)]
+    return Pool(
+        bundles, {role: (COLOCATED_SHARE[role], list(range(n))) for role, (n, _) in sizes.items()}
+    )
+
+
+def plan_placement(cfg: Config, cpus_per_actor: float = 1.0) -> dict[str, RolePlacement]:
+    """Create the pool (a placement group) and say where each role's actors go."""
+    spec = pool(cfg, cpus_per_actor)
+    if spec is None:
+        return {role: RolePlacement(0, cpus_per_actor) for role in role_sizes(cfg)}
+    pg = _ready(placement_group(spec.bundles, strategy="PACK"), spec.bundles)
     return {
-        role: RolePlacement(COLOCATED_SHARE[role], cpus_per_actor, pg, list(range(n)))
-        for role, (n, _) in sizes.items()
+        role: RolePlacement(gpus, cpus_per_actor, pg, bundles)
+        for role, (gpus, bundles) in spec.roles.items()
     }
 
 

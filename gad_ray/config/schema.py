@@ -204,6 +204,10 @@ class LearnerConfig(_Strict):
     param_offload: bool = False
     optimizer_offload: bool = False
     reference_offload: bool = False
+    # Between its own phases each learner moves its GPU state (fp32 master weights, Adam moments,
+    # the generator's frozen reference) to CPU, holding ~0 GPU memory while vLLM or the other
+    # learner runs on the same GPUs (colocated placement; ignored on CPU).
+    offload_idle: bool = False
 
 
 class TeacherBudget(_Strict):
@@ -255,6 +259,7 @@ class ClusterConfig(_Strict):
     gpus_per_node: int = Field(0, ge=0)
     cpus_per_node: int = Field(2, ge=1)
     placement: Literal["colocated", "disaggregated"] = "disaggregated"
+    gpu_memory_gib: float = Field(80.0, gt=0)  # memory of one GPU, for the plan (gad_ray/plan.py)
     log_to_driver: bool = (
         True  # stream the actors' stdout/stderr (vLLM, transformers) to the driver
     )
@@ -348,6 +353,7 @@ class Config(_Strict):
 
     name: str = "run"
     seed: int = 0
+    plan_only: bool = False  # gad-train: print the per-GPU memory plan and exit (gad_ray/plan.py)
     model: ModelConfig
     algorithm: AlgorithmConfig
     data: DataConfig
@@ -463,9 +469,11 @@ def validate_config(raw: dict[str, Any], check_model_context: bool = True) -> Co
 
 def _check_context(cfg: Config) -> None:
     from gad_ray.models.loading import model_max_context
+    from gad_ray.models.shapes import shipped_shape
 
     spec = cfg.model.student
-    ctx = spec.max_context or model_max_context(spec.path)
+    shipped = shipped_shape(spec.path)  # a shipped shape: no hub needed
+    ctx = spec.max_context or (shipped.max_context if shipped else model_max_context(spec.path))
     need = cfg.data.max_prompt_length + cfg.data.max_response_length
     if ctx is not None and need > ctx:
         raise ConfigError(

@@ -1,19 +1,31 @@
-"""``gad-train``: compose and validate the config, then run the driver (docs/algorithms.md §2.6)."""
+"""``gad-train``: compose and validate the config, then run the driver (docs/algorithms.md §2.6).
+
+``plan_only=true`` prints the per-GPU memory plan (:mod:`gad_ray.plan`) and exits instead:
+0 when it fits, 2 (naming the knobs to change) when it does not.
+"""
 
 from __future__ import annotations
 
 import sys
 
 from gad_ray.config.hydra_app import hydra_entry
+from gad_ray.config.schema import ConfigError
 from gad_ray.driver.train import TrainingAborted, train
 
 
 def _train(cfg) -> None:
+    if cfg.plan_only:
+        from gad_ray.plan import run_plan
+
+        sys.exit(run_plan(cfg))
     try:
         train(cfg)
     except TrainingAborted as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except ConfigError as err:  # e.g. the memory check before any actor starts
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 main = hydra_entry(_train)

@@ -29,6 +29,7 @@ from gad_ray.driver import state as st
 from gad_ray.driver.metrics import MetricsLogger, plot_metrics
 from gad_ray.driver.setup import TeacherData, build_roles, init_ray, load_eval_set
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
+from gad_ray.plan import check_fits
 from gad_ray.rollout.types import Sample
 
 
@@ -38,6 +39,7 @@ class TrainingAborted(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config):
+        check_fits(cfg)  # gad_ray.plan: stop before any actor starts if a GPU would run out
         self.cfg, self.alg = cfg, cfg.algorithm
         self.run_dir = st.prepare_run_dir(cfg)
         init_ray(cfg)

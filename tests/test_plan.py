@@ -1,0 +1,180 @@
+"""The memory plan: every shipped preset fits its declared cluster, hand-computed figures for a
+7B and a 0.5B model, the knobs named when a GPU runs out, and ``gad-train plan_only=true``."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from gad_ray.config.hydra_app import CONF_DIR, compose
+from gad_ray.config.schema import ConfigError
+from gad_ray.driver.train import Trainer
+from gad_ray.plan import check_fits, layout, make_plan, place_on_ray
+
+GiB = 2**30
+BIN = Path(sys.executable).parent
+PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+
+
+def _totals(plan, gpu: int = 0) -> dict[str, float]:
+    g = plan.gpus[gpu]
+    return {phase: g.total(phase) for phase in plan.phases}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_experiment_preset_validates_and_plans_on_its_declared_cluster(name):
+    cfg = compose([f"experiment={name}"])
+    plan = make_plan(cfg)
+    assert plan.problems == []
+    check_fits(cfg)
+    c = cfg.cluster
+    if c.gpus_per_node == 0:
+        assert "CPU-only" in plan.header[0] and plan.gpus == []
+        return
+    assert len(plan.gpus) == c.num_nodes * c.gpus_per_node
+    assert all(g.actors for g in plan.gpus)  # the presets use every GPU they declare
+    assert max(g.total(p) for g in plan.gpus for p in plan.phases) <= c.gpu_memory_gib * GiB
+    assert not ray.is_initialized()
+    # the run's own placement group on a private Ray with the cluster's logical GPUs
+    assert "placed on" in place_on_ray(cfg)
+    assert not ray.is_initialized()
+
+
+def test_qwen25_7b_preset_matches_a_hand_computation():
+    plan = make_plan(compose(["experiment=qwen2.5-7b_gpt5chat"]))
+    # Qwen2.5-7B-Instruct: hidden 3584, 28 layers, 28 query heads and 4 KV heads of 128,
+    # MLP 18944, vocabulary 152064, untied LM head, biases on q, k, v.
+    h, n_layers, mlp, vocab, kv = 3584, 28, 18944, 152064, 4 * 128
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * mlp + 2 * h  # q k v o, MLP, 2 norms
+    root = 2 * vocab * h + h  # embeddings + LM head + final norm
+    p = n_layers * layer + root
+    assert p == 7_615_616_512
+    p_d = n_layers * layer + vocab * h + h + h  # D: no LM head; final norm + Linear(h, 1)
+    root_d = vocab * h + 2 * h
+    ranks, tokens, proc = 8, 12288, 1.5 * GiB
+    # per token: 28 checkpointed bf16 layer inputs, one layer recomputed (8h fp32 norm inputs +
+    # 16h bf16 + 8i bf16 MLP), the final norm (4h + 4h)
+    act = tokens * (n_layers * 2 * h + (24 * h + 8 * mlp) + 8 * h)
+    g_update = (
+        (4 + 8 + 4) * p / ranks  # fp32 master, Adam m+v, fp32 grads, sharded over 8
+        + 2 * p / ranks  # bf16 KL reference
+        + 2 * (root + 2 * layer) * 2  # gathered bf16 root + 2 layers, policy and reference
+        + 6 * (root + 2 * layer)  # their bf16 grads + fp32 reduce copies
+        + act
+        + tokens * vocab * 16  # logits: bf16 + copy + fp32 log-softmax + fp32 entropy x2
+        + 3 * proc  # vLLM asleep, G, D processes; D offloaded (learner.offload_idle)
+    )
+    d_update = 16 * p_d / ranks + 2 * (root_d + 2 * layer) + 6 * (root_d + 2 * layer) + act
+    d_update += 3 * proc
+    generate = 0.7 * 80 * GiB + 2 * proc  # vLLM awake; both learners offloaded
+    want = {"generate": generate, "D update": d_update, "G update": g_update}
+    for gpu in range(8):
+        assert _totals(plan, gpu) == pytest.approx(want, rel=1e-12)
+    assert round(g_update / GiB, 2) == 68.14 and round(d_update / GiB, 2) == 30.55
+    assert round(generate / GiB, 2) == 59.0
+
+
+def test_qwen25_05b_without_offload_matches_a_hand_computation():
+    cfg = compose(
+        [
+            "experiment=qwen2.5-1.5b_gpt5chat",  # one GPU, colocated
+            "model=qwen2.5-0.5b",
+            "learner.offload_idle=false",
+            "learner.max_tokens_per_micro_batch=8192",
+        ]
+    )
+    plan = make_plan(cfg)
+    # Qwen2.5-0.5B-Instruct: hidden 896, 24 layers, 14 query heads and 2 KV heads of 64,
+    # MLP 4864, vocabulary 151936, tied embeddings.
+    h, n_layers, mlp, vocab, kv = 896, 24, 4864, 151936, 2 * 64
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * mlp + 2 * h
+    root = vocab * h + h  # tied: the LM head is the embedding
+    p = n_layers * layer + root
+    assert p == 494_032_768
+    p_d = n_layers * layer + vocab * h + 2 * h
+    root_d = vocab * h + 2 * h
+    tokens, proc = 8192, 1.5 * GiB
+    act = tokens * (n_layers * 2 * h + (24 * h + 8 * mlp) + 8 * h)
+    g_resident = 12 * p + 2 * p  # one rank: master + Adam, bf16 reference
+    d_resident = 12 * p_d
+    g_update = g_resident + 4 * p + 2 * (root + 2 * layer) * 2 + 6 * (root + 2 * layer)
+    g_update += act + tokens * vocab * 16 + d_resident + 3 * proc
+    d_update = d_resident + 4 * p_d + 2 * (root_d + 2 * layer) + 6 * (root_d + 2 * layer)
+    d_update += act + g_resident + 3 * proc
+    generate = 0.7 * 80 * GiB + g_resident + d_resident + 2 * proc
+    want = {"generate": generate, "D update": d_update, "G update": g_update}
+    assert _totals(plan) == pytest.approx(want, rel=1e-12)
+    assert [round(want[k] / GiB, 2) for k in plan.phases] == [70.96, 20.38, 39.24]
+    assert plan.problems == []
+
+
+def test_a_gpu_out_of_memory_names_the_knobs_and_stops_the_driver():
+    cfg = compose(["experiment=qwen2.5-7b_gpt5chat", "learner.offload_idle=false"])
+    plan = make_plan(cfg)
+    assert len(plan.problems) == 1
+    msg = plan.problems[0]
+    assert msg.startswith("GPUs 0-7 generate needs 81.3 GiB > 80.0 GiB (cluster.gpu_memory_gib)")
+    assert "set learner.offload_idle=true (-> 59.0 GiB)" in msg
+    with pytest.raises(ConfigError, match="learner.offload_idle=true"):
+        check_fits(cfg)
+    # the real run: the check comes before any actor, Ray or run directory
+    with pytest.raises(ConfigError, match="does not fit its GPUs"):
+        Trainer(
+            cfg.model_copy(
+                update={"trainer": cfg.trainer.model_copy(update={"run_dir": "/nonexistent/x"})}
+            )
+        )
+    assert not ray.is_initialized() and not Path("/nonexistent/x").exists()
+    # no sleep mode while colocated: vLLM keeps its share in the learner phases
+    awake = make_plan(compose(["experiment=qwen2.5-7b_gpt5chat", "rollout.sleep_when_idle=false"]))
+    assert any("G update" in p and "rollout.sleep_when_idle=true" in p for p in awake.problems)
+
+
+def test_disaggregated_layout_and_the_kv_cache_check():
+    cfg = compose(
+        [
+            "experiment=qwen2.5-7b_gpt5chat",
+            "cluster=multi_node",
+            "cluster.placement=disaggregated",
+            "rollout.num_workers=4",
+            "rollout.tensor_parallel_size=2",
+            "learner.generator_ranks=4",
+            "learner.discriminator_ranks=4",
+        ]
+    )
+    gpus = layout(cfg)
+    assert gpus["rollout"] == [(0, 1), (2, 3), (4, 5), (6, 7)]  # node 0: the tp=2 workers
+    assert gpus["generator"] == [(8,), (9,), (10,), (11,)] and gpus["discriminator"][0] == (12,)
+    plan = make_plan(cfg)
+    assert plan.gpus[1].actors == ["vLLM worker 0 (tp shard 2/2)"]
+    assert plan.gpus[15].actors == ["D rank 3"]
+    # G's own GPUs: 16 B/param over 4 ranks no longer leave room for the 12288-token logits
+    (problem,) = plan.problems
+    assert problem.startswith("GPUs 8-11 G update needs 81.1 GiB > 80.0 GiB")
+    assert "set learner.optimizer_offload=true (-> 52.7 GiB)" in problem
+    small = compose(["experiment=qwen2.5-7b_gpt5chat", "rollout.gpu_memory_utilization=0.2"])
+    (problem,) = make_plan(small).problems
+    assert problem.startswith("rollout: a worker's KV cache holds 0 tokens")
+    assert "raise rollout.gpu_memory_utilization (now 0.2)" in problem
+
+
+def _gad_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "gad-train"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_gad_train_plan_only_prints_the_plan_and_exits_by_the_verdict(tmp_path):
+    out = _gad_train("experiment=qwen2.5-7b_gpt5chat", "plan_only=true", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "0    0     vLLM worker 0, G rank 0, D rank 0" in out.stdout
+    assert "GPUs 0-7, peak GiB per phase:" in out.stdout
+    assert "Fits: the peak is 68.1 GiB (G update on GPUs 0-7) of 80.0 GiB" in out.stdout
+    out = _gad_train(
+        "experiment=qwen2.5-7b_gpt5chat", "plan_only=true", "learner.offload_idle=false",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "generate needs 81.3 GiB" in out.stderr and "learner.offload_idle=true" in out.stderr
