@@ -47,9 +47,9 @@ from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import Config
 from gad_ray.data.dataset import load_examples
 from gad_ray.data.tokenize import TokenizedExample, tokenize_examples
+from gad_ray.driver.driver import train
 from gad_ray.driver.metrics import read_metrics
-from gad_ray.driver.setup import cpus_per_rollout_worker
-from gad_ray.driver.train import train
+from gad_ray.driver.setup import cpus_per_actor
 from gad_ray.eval.metrics import ngram_f1
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
 from gad_ray.rollout import RolloutGroup, send_weights
@@ -233,7 +233,7 @@ def run_seed(seed: int, p: dict[str, int], out: Path, extra: list[str]) -> dict[
         if method == "gad":  # the shared warmup ran in GAD's run only
             result["warmup_s"] = sum(s for step, s in seconds if step < p["warmup"])
     sets = eval_sets(cfg, tokenizer, seed, p["eval_n"])
-    group = RolloutGroup(cfg, student, cpus_per_rollout_worker(cfg))  # one vLLM for all rows
+    group = RolloutGroup(cfg, student, cpus_per_actor(cfg, "rollout", [("rollout",)]))  # one vLLM
     try:
         for method in METHODS:
             if method != "undistilled":  # load the trained student through the weight sync

@@ -14,8 +14,8 @@ import sys
 import time
 
 from gad_ray.config.hydra_app import compose
+from gad_ray.driver.driver import train
 from gad_ray.driver.metrics import read_metrics
-from gad_ray.driver.train import train
 from gad_ray.synthetic.server import start_server_thread
 
 KEY_ENV = "GAD_DEMO_TEACHER_KEY"

@@ -1,13 +1,14 @@
 """Resource pools per role: which GPUs (or CPUs) each actor of each role is placed on.
 
 ``cluster.placement``:
-- ``disaggregated``: every role gets its own GPUs (rollout worker w: ``tensor_parallel_size``
-  GPUs; generator and discriminator ranks: one GPU each), all in one placement group;
-- ``colocated``: the roles share one pool of GPUs (rank i of every role on GPU i), each actor
+- ``disaggregated``: every role gets its own GPUs (a rollout worker: ``tensor_parallel_size``
+  GPUs; a learner rank: one GPU), in one placement group per set of roles started together;
+- ``colocated``: all roles share one pool of GPUs (actor i of every role on GPU i), each actor
   taking a fraction of the GPU; vLLM sleeps while the learners train.
 
-On CPU (``cluster.gpus_per_node == 0``) every actor asks for one logical CPU and no pool is
-made: Ray's local scheduler places them.
+Roles are named by the recipes (``gad_ray/recipes/``); :func:`role_size` knows each one's actor
+count. On CPU (``cluster.gpus_per_node == 0``) no pool is made: Ray's local scheduler places the
+actors, each with its share of the cores.
 """
 
 from __future__ import annotations
@@ -22,8 +23,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from gad_ray.config.schema import Config, ConfigError
 
 # Fraction of a shared GPU each colocated actor asks Ray for (memory is managed by vLLM's
-# gpu_memory_utilization and sleep mode, not by Ray; the fractions only make them fit).
-COLOCATED_SHARE = {"rollout": 0.4, "generator": 0.3, "discriminator": 0.3}
+# gpu_memory_utilization, sleep mode and learner offload, not by Ray; the fractions only make
+# the roles alive at one time fit: rollout + G + D, proxy + its rollout, or the frozen proxy +
+# G + the student's rollout).
+COLOCATED_SHARE = {
+    "rollout": 0.4,
+    "generator": 0.3,
+    "discriminator": 0.3,
+    "proxy": 0.3,
+    "proxy_rollout": 0.4,
+    "proxy_frozen": 0.3,
+}
 
 
 @dataclass
@@ -45,15 +55,36 @@ class RolePlacement:
         return opts
 
 
-def role_sizes(cfg: Config) -> dict[str, tuple[int, int]]:
-    """Per role: (number of actors, GPUs per actor when it has GPUs of its own)."""
-    sizes = {
-        "rollout": (cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size),
-        "generator": (cfg.learner.generator_ranks, 1),
+def is_rollout(role: str) -> bool:
+    """Whether ``role`` is a group of rollout workers (``rollout``, ``proxy_rollout``)."""
+    return role.endswith("rollout")
+
+
+def role_size(cfg: Config, role: str) -> tuple[int, int]:
+    """(number of actors, GPUs per actor when it has GPUs of its own) of ``role``."""
+    if is_rollout(role):
+        return cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size
+    ranks = {
+        "generator": cfg.learner.generator_ranks,
+        "discriminator": cfg.learner.discriminator_ranks,
+        "proxy": cfg.algorithm.proxy_kd.ranks,
+        "proxy_frozen": cfg.algorithm.proxy_kd.ranks,
     }
-    if cfg.algorithm.uses_discriminator:
-        sizes["discriminator"] = (cfg.learner.discriminator_ranks, 1)
-    return sizes
+    if role not in ranks:
+        raise ValueError(f"unknown role {role!r}; known: {sorted(ranks)} and *rollout")
+    return ranks[role], 1
+
+
+def role_sizes(cfg: Config, roles: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """:func:`role_size` of each of ``roles``."""
+    return {role: role_size(cfg, role) for role in roles}
+
+
+def check_gpus(cfg: Config, role_sets: list[tuple[str, ...]]) -> None:
+    """Raise :class:`ConfigError` naming the keys when a set of roles alive at one time does not
+    fit the cluster's GPUs (nothing to check on a CPU-only cluster)."""
+    for roles in role_sets:
+        pool(cfg, roles)
 
 
 @dataclass(frozen=True)
@@ -65,10 +96,10 @@ class Pool:
     roles: dict[str, tuple[float, list[int]]]
 
 
-def pool(cfg: Config, cpus_per_actor: float = 1.0) -> Pool | None:
-    """The pool of ``cluster.placement`` (None on a CPU-only cluster); a layout that does not
-    fit the cluster's GPUs raises :class:`ConfigError` naming the keys."""
-    sizes = role_sizes(cfg)
+def pool(cfg: Config, roles: tuple[str, ...], cpus_per_actor: float = 1.0) -> Pool | None:
+    """The pool of ``roles`` under ``cluster.placement`` (None on a CPU-only cluster); a layout
+    that does not fit the cluster's GPUs raises :class:`ConfigError` naming the keys."""
+    sizes = role_sizes(cfg, roles)
     total_gpus = cfg.cluster.gpus_per_node * cfg.cluster.num_nodes
     if total_gpus == 0:
         return None
@@ -97,11 +128,13 @@ def pool(cfg: Config, cpus_per_actor: float = 1.0) -> Pool | None:
     )
 
 
-def plan_placement(cfg: Config, cpus_per_actor: float = 1.0) -> dict[str, RolePlacement]:
-    """Create the pool (a placement group) and say where each role's actors go."""
-    spec = pool(cfg, cpus_per_actor)
+def plan_placement(
+    cfg: Config, roles: tuple[str, ...], cpus_per_actor: float = 1.0
+) -> dict[str, RolePlacement]:
+    """Create the pool of ``roles`` (a placement group) and say where each role's actors go."""
+    spec = pool(cfg, roles, cpus_per_actor)
     if spec is None:
-        return {role: RolePlacement(0, cpus_per_actor) for role in role_sizes(cfg)}
+        return {role: RolePlacement(0, cpus_per_actor) for role in roles}
     pg = _ready(placement_group(spec.bundles, strategy="PACK"), spec.bundles)
     return {
         role: RolePlacement(gpus, cpus_per_actor, pg, bundles)

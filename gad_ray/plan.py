@@ -9,7 +9,7 @@ the same check before any actor starts (:func:`check_fits`). Model shapes come f
 :mod:`gad_ray.models.shapes` (shipped for the preset models: no hub, no GPU needed).
 
 Memory model, per GPU and phase. N: a learner's ranks, P: its parameters, c: bytes of the
-compute dtype (2 for bf16; 4 with ``learner.mixed_precision=fp32`` or ``model.*.dtype=float32``),
+compute dtype (``model.*.dtype``: 2 for bf16 and ``auto`` on GPU; 4 for ``float32``),
 T: tokens per micro batch (``learner.max_tokens_per_micro_batch``, else ``micro_batch_size`` x
 (max prompt + max response)); h, L, i, V: hidden size, layers, MLP width, vocabulary.
 
@@ -31,11 +31,12 @@ T: tokens per micro batch (``learner.max_tokens_per_micro_batch``, else ``micro_
   gate, up, SiLU(gate) and their product (4ci). Gradient checkpointing keeps each layer's input
   (Lch) plus one layer recomputed in the backward; without it, all L layers. Plus the final
   norm's (4 + 2c)h. Times T. (One layer's transient gradients in the backward are not counted.)
-- Logits, G only (D's head is a scalar): TV bytes x 16 in a GRPO step: the bf16 logits (2), the
+- Logits, G only (D's head is a scalar): TV bytes x 12 in a GRPO step: the bf16 logits (2), the
   bf16 copy flattening the shifted logits makes (2), the fp32 chunks the log-softmax keeps for
-  the backward (4), the fp32 chunks and softmax the entropy keeps (8: it is computed with grad);
-  the reference's no-grad pass (its logits and copy, 4) runs while the policy's 12 are held.
-  x 8 in an SFT step (2 + 2 + 4).
+  the backward (4); the reference's no-grad pass (its logits and copy, 4) runs while the
+  policy's 8 are held. The entropy metric is computed without a graph (a chunk at a time);
+  with ``algorithm.grpo.entropy_coef`` != 0 it is in the loss and keeps 8 more (fp32 chunks and
+  softmax): x 16. x 8 in an SFT step (2 + 2 + 4).
 - vLLM: ``rollout.gpu_memory_utilization`` x GPU memory while awake (weights, KV cache,
   activations, CUDA graphs; with ``rollout.kv_cache_memory_bytes``: weights + that + 2 GiB); 0
   asleep (sleep level 1 moves the weights to CPU, drops the KV cache), as it is in the learner
@@ -61,6 +62,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gad_ray import recipes
 from gad_ray.config.schema import Config, ConfigError
 from gad_ray.models.shapes import ModelShape, model_shape
 from gad_ray.placement import pool, role_sizes
@@ -129,8 +131,8 @@ class Plan:
 
 
 def compute_bytes(cfg: Config, dtype: str) -> int:
-    """2 (bf16/fp16 compute) or 4 (``learner.mixed_precision=fp32`` or dtype float32)."""
-    return 4 if cfg.learner.mixed_precision == "fp32" or dtype == "float32" else 2
+    """Bytes of the compute dtype on GPU: 4 for ``float32``, else 2 (``auto`` is bf16)."""
+    return 4 if dtype == "float32" else 2
 
 
 def micro_batch_tokens(cfg: Config) -> int:
@@ -150,14 +152,20 @@ def activation_bytes(shape: ModelShape, c: int, tokens: int, checkpointing: bool
     return tokens * (shape.layers * layer + final)
 
 
+def plan_roles(cfg: Config) -> tuple[str, ...]:
+    """The roles the plan lays out: the algorithm's largest set of roles that trains the
+    student (``generator``) at one time."""
+    sets = [rs for rs in recipes.build(cfg).role_sets() if "generator" in rs]
+    return max(sets, key=len)
+
+
 def learners(cfg: Config) -> list[Learner]:
-    """The generator and (GAD only) the discriminator, as the memory model sees them."""
-    lc, grpo, s, d = (
-        cfg.learner,
-        cfg.algorithm.uses_discriminator,
-        cfg.model.student,
-        cfg.model.discriminator,
-    )
+    """The generator and (when the algorithm has one) the discriminator, as the memory model
+    sees them; G's update is GRPO when it holds a KL reference, else SFT."""
+    lc, s, d = cfg.learner, cfg.model.student, cfg.model.discriminator
+    rec = recipes.build(cfg)
+    grpo = bool(rec.roles.get("generator", {}).get("with_reference"))
+    has_d = "discriminator" in plan_roles(cfg)
     sh = _shape(s.path)
     dh = sh if d.path == "student" else _shape(d.path)
 
@@ -166,8 +174,9 @@ def learners(cfg: Config) -> list[Learner]:
         c, ckpt = compute_bytes(cfg, spec.dtype), spec.gradient_checkpointing
         return Learner(key, f"{key} update", ranks, params, unit, shape, c, ckpt, logits, ref)
 
-    g = one("G", lc.generator_ranks, sh.params, sh.root_params, sh, s, 16 if grpo else 8, grpo)
-    if not grpo:
+    logits = (16 if cfg.algorithm.grpo.entropy_coef else 12) if grpo else 8
+    g = one("G", lc.generator_ranks, sh.params, sh.root_params, sh, s, logits, grpo)
+    if not has_d:
         return [g]
     d_args = (dh.discriminator_params, dh.discriminator_root_params, dh, d, 0, False)
     return [g, one("D", lc.discriminator_ranks, *d_args)]
@@ -248,7 +257,7 @@ def kv_bytes_per_token(cfg: Config) -> int:
 def layout(cfg: Config) -> dict[str, list[tuple[int, ...]]]:
     """Per role, the GPUs of each actor: :func:`~gad_ray.placement.pool`'s bundles packed onto
     the nodes first-fit, as Ray's PACK strategy does (GPU index = node x gpus_per_node + local)."""
-    spec, gpn = pool(cfg), cfg.cluster.gpus_per_node
+    spec, gpn = pool(cfg, plan_roles(cfg)), cfg.cluster.gpus_per_node
     assert spec is not None, "layout() needs a GPU cluster"
     free, gpus = [gpn] * cfg.cluster.num_nodes, []
     for bundle in spec.bundles:
@@ -272,7 +281,12 @@ def estimate(cfg: Config) -> tuple[tuple[str, ...], list[GPU]]:
     phases = tuple(p for p in PHASES if p == "generate" or any(lr.phase == p for lr in lrs))
     gpn = cfg.cluster.gpus_per_node
     gpus = [GPU(g, g // gpn) for g in range(gpn * cfg.cluster.num_nodes)]
-    names = {"rollout": "vLLM worker", "generator": "G rank", "discriminator": "D rank"}
+    names = {
+        "rollout": "vLLM worker",
+        "generator": "G rank",
+        "discriminator": "D rank",
+        "proxy_frozen": "proxy rank",
+    }
     for role, actors in layout(cfg).items():
         for i, on in enumerate(actors):
             for j, g in enumerate(on):
@@ -322,7 +336,7 @@ def groups(gpus: list[GPU]) -> list[list[GPU]]:
 def make_plan(cfg: Config) -> Plan:
     """The plan of a config: layout, per-GPU estimates, and what does not fit (no Ray, no GPU)."""
     if cfg.cluster.gpus_per_node == 0:
-        sizes = role_sizes(cfg)
+        sizes = role_sizes(cfg, plan_roles(cfg))
         header = [
             f"Plan: {cfg.name} on a CPU-only cluster (cluster.gpus_per_node=0): "
             + ", ".join(f"{n} {role}" for role, (n, _) in sizes.items())
@@ -390,7 +404,7 @@ def _candidates(cfg: Config) -> list[tuple[str, Any]]:
     for who in ("student", "discriminator"):
         if not getattr(cfg.model, who).gradient_checkpointing:
             out.append((f"model.{who}.gradient_checkpointing", True))
-    if cfg.algorithm.uses_discriminator and not lc.reference_offload:
+    if any(lr.reference for lr in learners(cfg)) and not lc.reference_offload:
         out.append(("learner.reference_offload", True))
     if not lc.optimizer_offload:
         out.append(("learner.optimizer_offload", True))
@@ -498,8 +512,8 @@ def _notes(cfg: Config, phases: tuple[str, ...], gpus: list[GPU]) -> list[str]:
     ]
     if full:
         out.append(f"Activations without gradient checkpointing: {', '.join(full)}.")
-    if cfg.algorithm.name == "proxy_kd":
-        out.append("Proxy-KD's proxy learner and its rollout workers are not in this plan.")
+    if any(r.startswith("proxy") for rs in recipes.build(cfg).role_sets() for r in rs):
+        out.append("The proxy learner and its rollout workers are not in this plan.")
     host = _host_bytes(cfg, phases, gpus, lrs)
     if host:
         out.append(
@@ -581,7 +595,7 @@ def place_on_ray(cfg: Config) -> str:
 
     from gad_ray.placement import plan_placement, release
 
-    spec = pool(cfg)
+    spec = pool(cfg, plan_roles(cfg))
     if spec is None:
         return "Ray: a CPU-only cluster; Ray's local scheduler places the actors."
     gpus = cfg.cluster.gpus_per_node * cfg.cluster.num_nodes
@@ -592,7 +606,7 @@ def place_on_ray(cfg: Config) -> str:
         cpus = math.ceil(sum(b["CPU"] for b in spec.bundles)) + 1
         ray.init(address="local", num_cpus=cpus, num_gpus=gpus, **_QUIET_RAY)
     try:
-        release(plan_placement(cfg))
+        release(plan_placement(cfg, plan_roles(cfg)))
     finally:
         if started:
             ray.shutdown()

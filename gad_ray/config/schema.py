@@ -138,22 +138,13 @@ class ProxyKDConfig(_Strict):
 
 
 class AlgorithmConfig(_Strict):
-    name: Literal["gad", "seqkd", "gad_frozen_d", "proxy_kd"]
+    name: str  # a module of gad_ray/recipes/ (gad, seqkd, gad_frozen_d, proxy_kd, ...)
     warmup: WarmupConfig = WarmupConfig()
     gad: GADStageConfig = GADStageConfig()
     grpo: GRPOConfig = GRPOConfig()
     generator_optim: OptimConfig = OptimConfig(lr=1e-6, grad_clip=0.2)
     discriminator_optim: OptimConfig = OptimConfig(lr=1e-6, grad_clip=0.2)
     proxy_kd: ProxyKDConfig = ProxyKDConfig()
-
-    @property
-    def uses_discriminator(self) -> bool:
-        return self.name in ("gad", "gad_frozen_d")
-
-    @property
-    def freeze_discriminator(self) -> bool:
-        """The off-policy ablation: D trained in warmup, frozen during the GAD stage."""
-        return self.name == "gad_frozen_d"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +271,12 @@ class TrainerConfig(_Strict):
     eval_every: int | None = Field(None, ge=1)  # also evaluate every k steps (data.eval_path)
     tensorboard: bool = True
     wandb: WandbConfig = WandbConfig()
+    # D's and G's updates at the same time (they depend only on the step's samples); auto: on
+    # when they have GPUs of their own (disaggregated), off when they share devices
+    overlap_d_g: Literal["auto", True, False] = "auto"
+    # sync: generate with the latest weights, then train; one_step_off: generate step t+1's
+    # samples (with the weights after step t-1) while the learners train on step t
+    pipeline: Literal["sync", "one_step_off"] = "sync"
 
 
 class EvalSetSpec(_Strict):
@@ -374,18 +371,22 @@ class Config(_Strict):
 
 
 def _combination_problems(cfg: Config):
+    from gad_ray import recipes  # the algorithms' own checks and their roles
+
     alg, data, lrn = cfg.algorithm, cfg.data, cfg.learner
-    n = alg.grpo.n_samples
-    if alg.uses_discriminator and n < 2:
-        yield (
-            f"algorithm.grpo.n_samples={n}: GRPO needs at least 2 samples per prompt "
-            f"for algorithm.name={alg.name}"
-        )
+    try:
+        recipe = recipes.build(cfg)
+    except ValueError as err:
+        yield str(err)
+        return
+    yield from recipes.check(cfg)
+    roles = {r for rs in recipe.role_sets() for r in rs}
+    n = max((s.sampling.n for s in recipe.stages if s.sampling), default=0)
     if lrn.max_tokens_per_micro_batch is None:
         batches = {
             "data.prompts_per_step": (data.prompts_per_step, lrn.generator_ranks, "generator")
         }
-        if alg.uses_discriminator:
+        if "discriminator" in roles:
             batches["data.prompts_per_step * algorithm.grpo.n_samples"] = (
                 data.prompts_per_step * n,
                 lrn.generator_ranks,
@@ -414,13 +415,6 @@ def _combination_problems(cfg: Config):
         for key in ("base_url", "model"):
             if not getattr(cfg.teacher.api, key):
                 yield f"teacher.api.{key} is required when teacher.source=api"
-    if alg.name == "proxy_kd" and alg.proxy_kd.proxy is None:
-        yield "algorithm.proxy_kd.proxy is required when algorithm.name=proxy_kd"
-    if alg.proxy_kd.sft_fraction + alg.proxy_kd.dpo_fraction >= 1:
-        yield (
-            f"algorithm.proxy_kd.sft_fraction + dpo_fraction = "
-            f"{alg.proxy_kd.sft_fraction + alg.proxy_kd.dpo_fraction} leaves no data for the student"
-        )
     trained = {"model.student": cfg.model.student, "model.discriminator": cfg.model.discriminator}
     if alg.proxy_kd.proxy is not None:
         trained["algorithm.proxy_kd.proxy"] = alg.proxy_kd.proxy

@@ -10,7 +10,7 @@ import sys
 
 from gad_ray.config.hydra_app import hydra_entry
 from gad_ray.config.schema import ConfigError
-from gad_ray.driver.train import TrainingAborted, train
+from gad_ray.driver.driver import TrainingAborted, train
 
 
 def _train(cfg) -> None:

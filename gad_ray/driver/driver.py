@@ -32,6 +32,7 @@ from gad_ray.driver.roles import Roles
 from gad_ray.driver.setup import TeacherData, init_ray, load_eval_set
 from gad_ray.driver.stages import Sampling, Stage, StepInput, prefix
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
+from gad_ray.plan import check_fits
 from gad_ray.rollout.types import Sample
 
 # metric prefix and timer phase of each learner role's update
@@ -47,6 +48,7 @@ class Driver:
     """Runs ``cfg.algorithm.name``'s recipe. ``fit()`` runs (or resumes) it to the end."""
 
     def __init__(self, cfg: Config):
+        check_fits(cfg)  # a GPU that would run out of memory stops the run before anything starts
         self.cfg = cfg
         self.run_dir = st.prepare_run_dir(cfg)
         self.student_path = resolve_model_path(cfg.model.student.path)

@@ -3,10 +3,11 @@
 A role is a name a recipe uses (``rollout``, ``generator``, ``discriminator``, ``proxy``,
 ``proxy_rollout``, ``proxy_frozen``); its kind fixes what is built (a rollout group or a learner
 group of some model) and how many actors it has (:func:`gad_ray.placement.role_size`). On a GPU
-cluster one placement pool is planned for all the role sets of the run
-(:func:`gad_ray.placement.plan_placement`), so ``cluster.placement`` (colocated or
-disaggregated) applies to every role; on CPU every actor gets its share of the cores.
-:class:`Roles` keeps the groups a stage needs alive and stops the others.
+cluster ``cluster.placement`` applies to every role: colocated, one pool of GPUs shared by all
+roles of the run; disaggregated, a placement group for each set of roles started together
+(released when they stop), every set checked against the cluster before any actor starts. On
+CPU every actor gets its share of the cores. :class:`Roles` keeps the groups a stage needs alive
+and stops the others.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from gad_ray.config.schema import Config
-from gad_ray.driver.setup import cpu_threads_per_rank, cpus_per_rollout_worker
+from gad_ray.driver.setup import cpus_per_actor
 from gad_ray.models.loading import resolve_model_path
-from gad_ray.placement import RolePlacement, is_rollout, plan_placement, release
+from gad_ray.placement import RolePlacement, check_gpus, is_rollout, plan_placement, release
 
 
 class Roles:
@@ -33,9 +34,14 @@ class Roles:
         self.role_sets = role_sets
         self.groups: dict[str, Any] = {}
         self.asleep: set[str] = set()  # rollout roles whose vLLM is in sleep mode
-        self.pools: dict[str, RolePlacement] = {}
-        if cfg.cluster.gpus_per_node > 0:
-            self.pools = plan_placement(cfg, role_sets)
+        self.places: dict[str, RolePlacement] = {}  # where each placed role's actors go
+        self.on_gpus = cfg.cluster.gpus_per_node > 0
+        self.shared = self.on_gpus and cfg.cluster.placement == "colocated"
+        if self.on_gpus:
+            check_gpus(cfg, role_sets)
+        if self.shared:
+            union = tuple(dict.fromkeys(r for roles in role_sets for r in roles))
+            self.places = plan_placement(cfg, union)
 
     def __getitem__(self, name: str) -> Any:
         if name not in self.groups:
@@ -50,24 +56,33 @@ class Roles:
         return is_rollout(name)
 
     def disjoint(self, a: str, b: str) -> bool:
-        """Whether roles ``a`` and ``b`` never share a device (so their calls can overlap):
-        distinct GPUs; never on a CPU-only cluster, where the roles take turns on the cores."""
-        pa, pb = self.pools.get(a), self.pools.get(b)
-        if pa is None or pb is None:
-            return False
-        return pa.pg is not pb.pg or not set(pa.bundles) & set(pb.bundles) or pa.num_gpus >= 1
+        """Whether roles ``a`` and ``b`` run on devices of their own, so their calls can
+        overlap: disaggregated GPUs. Colocated roles share GPUs; on a CPU-only cluster the
+        roles share the cores (each takes all of its share when it runs)."""
+        return self.on_gpus and not self.shared
 
     def ensure(self, names: tuple[str, ...]) -> list[str]:
         """Stop the groups not in ``names``, build the missing ones; return the new ones."""
         for name in [n for n in self.groups if n not in names]:
             self.groups.pop(name).shutdown()
             self.asleep.discard(name)
-        built = []
-        for name in names:
-            if name not in self.groups:
-                self.groups[name] = self.build(name)
-                built.append(name)
-        return built
+            if not self.shared:
+                self.release_unused()
+        new = [n for n in names if n not in self.groups]
+        if self.on_gpus and not self.shared and new:
+            self.places |= plan_placement(self.cfg, tuple(new))
+        for name in new:
+            self.groups[name] = self.build(name)
+        return new
+
+    def release_unused(self) -> None:
+        """Disaggregated: give back the placement groups none of whose roles is running."""
+        by_pg: dict[int, list[str]] = {}
+        for role, place in self.places.items():
+            by_pg.setdefault(id(place.pg), []).append(role)
+        for roles in by_pg.values():
+            if not any(r in self.groups for r in roles):
+                release({r: self.places.pop(r) for r in roles})
 
     def build(self, name: str) -> Any:
         """Start the group of role ``name`` with the recipe's options for it."""
@@ -76,14 +91,14 @@ class Roles:
         from gad_ray.learner.proxy import ProxyGroup, proxy_view
         from gad_ray.rollout.group import RolloutGroup
 
-        cfg, opts, place = self.cfg, dict(self.options.get(name, {})), self.pools.get(name)
-        threads = cpu_threads_per_rank(cfg, self.role_sets)
-        rollout_cpus = cpus_per_rollout_worker(cfg, self.role_sets)
+        cfg, opts, place = self.cfg, dict(self.options.get(name, {})), self.places.get(name)
+        cpus = cpus_per_actor(cfg, name, self.role_sets)
+        threads = int(cpus)
         proxy_path = lambda: resolve_model_path(cfg.algorithm.proxy_kd.proxy.path)  # noqa: E731
         if name == "rollout":
-            return RolloutGroup(cfg, self.student_path, rollout_cpus, place)
+            return RolloutGroup(cfg, self.student_path, cpus, place)
         if name == "proxy_rollout":
-            return RolloutGroup(proxy_view(cfg), proxy_path(), rollout_cpus, place)
+            return RolloutGroup(proxy_view(cfg), proxy_path(), cpus, place)
         if name == "generator":
             return GeneratorGroup(
                 cfg, self.student_path, cpus_per_rank=threads, placement=place, **opts
@@ -99,5 +114,5 @@ class Roles:
         for group in self.groups.values():
             group.shutdown()
         self.groups = {}
-        release(self.pools)
-        self.pools = {}
+        release(self.places)
+        self.places = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections import deque
 from pathlib import Path
@@ -14,12 +15,13 @@ from gad_ray.config.schema import Config
 from gad_ray.data.dataset import load_examples
 from gad_ray.data.loader import StepLoader
 from gad_ray.data.tokenize import TokenizedExample, encode_response, tokenize_examples
-from gad_ray.placement import RolePlacement, plan_placement, release
+from gad_ray.placement import is_rollout, role_size
 from gad_ray.teacher.fetcher import TeacherError
 
 
-def init_ray(cfg: Config) -> None:
-    """Join the configured (or running) Ray cluster, or start a local one sized for the roles."""
+def init_ray(cfg: Config, role_sets: list[tuple[str, ...]]) -> None:
+    """Join the configured (or running) Ray cluster, or start a local one sized for the roles
+    alive at one time (``role_sets``: one per stage)."""
     if ray.is_initialized():
         return
     quiet = {"log_to_driver": cfg.cluster.log_to_driver}
@@ -30,84 +32,34 @@ def init_ray(cfg: Config) -> None:
         ray.init(**quiet)
         return
     # Local debug mode: logical CPUs may exceed the cores (the phases of a step run in turn).
-    roles = cfg.rollout.num_workers * cpus_per_rollout_worker(cfg) + cpu_threads_per_rank(cfg) * (
-        cfg.learner.generator_ranks + cfg.learner.discriminator_ranks
+    need = max(
+        sum(role_size(cfg, r)[0] * cpus_per_actor(cfg, r, role_sets) for r in roles)
+        for roles in role_sets
     )
     ray.init(
-        num_cpus=max(os.cpu_count() or 1, roles + 1),
+        num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1),
         include_dashboard=False,
         num_gpus=cfg.cluster.gpus_per_node or None,
         **quiet,
     )
 
 
-def cpu_threads_per_rank(cfg: Config) -> int:
-    """Torch threads (= logical CPUs asked of Ray) per learner rank: on a CPU-only cluster the
-    roles take turns, so each rank may use its share of a node's cores; on GPU nodes 1."""
+def cpus_per_actor(cfg: Config, role: str, role_sets: list[tuple[str, ...]]) -> float:
+    """Logical CPUs (= torch threads) an actor of ``role`` asks Ray for. On GPU nodes 1 (or
+    ``rollout.cpus_per_worker``). On a CPU-only cluster the roles take turns, so each actor may
+    use its share of a node's cores: a rollout worker ``cluster.cpus_per_node`` / workers (a
+    vLLM-CPU engine runs as many threads as it gets CPUs), a learner rank the cores / the most
+    ranks any learner role of the run has."""
+    if is_rollout(role):
+        if cfg.rollout.cpus_per_worker is not None:
+            return cfg.rollout.cpus_per_worker
+        if cfg.cluster.gpus_per_node > 0:
+            return 1
+        return max(1, cfg.cluster.cpus_per_node // cfg.rollout.num_workers)
     if cfg.cluster.gpus_per_node > 0:
         return 1
-    ranks = max(cfg.learner.generator_ranks, cfg.learner.discriminator_ranks)
+    ranks = max(role_size(cfg, r)[0] for rs in role_sets for r in rs if not is_rollout(r))
     return max(1, cfg.cluster.cpus_per_node // ranks)
-
-
-def cpus_per_rollout_worker(cfg: Config) -> float:
-    """``rollout.cpus_per_worker``, or on a CPU-only cluster each worker's share of the cores
-    (a vLLM-CPU engine runs as many threads as it gets CPUs)."""
-    if cfg.rollout.cpus_per_worker is not None:
-        return cfg.rollout.cpus_per_worker
-    if cfg.cluster.gpus_per_node > 0:
-        return 1
-    return max(1, cfg.cluster.cpus_per_node // cfg.rollout.num_workers)
-
-
-def build_roles(cfg: Config, student_path: str, total_steps: int) -> Roles:
-    """The rollout group, the generator group and (GAD only) the discriminator group, placed
-    in the resource pools of ``cluster.placement`` on GPU clusters."""
-    from gad_ray.discriminator.learner import DiscriminatorGroup
-    from gad_ray.learner.generator import GeneratorGroup
-    from gad_ray.rollout.group import RolloutGroup
-
-    pools = plan_placement(cfg) if cfg.cluster.gpus_per_node > 0 else {}
-    threads = cpu_threads_per_rank(cfg)
-    roles = Roles(pools=pools)
-    try:
-        roles.rollout = RolloutGroup(
-            cfg, student_path, cpus_per_rollout_worker(cfg), pools.get("rollout")
-        )
-        roles.generator = GeneratorGroup(
-            cfg,
-            student_path,
-            total_steps=total_steps,
-            cpus_per_rank=threads,
-            placement=pools.get("generator"),
-        )
-        if cfg.algorithm.uses_discriminator:
-            roles.discriminator = DiscriminatorGroup(
-                cfg,
-                total_steps=total_steps,
-                cpus_per_rank=threads,
-                placement=pools.get("discriminator"),
-            )
-    except BaseException:
-        roles.shutdown()
-        raise
-    return roles
-
-
-@dataclasses.dataclass
-class Roles:
-    """The role groups of a run and the resource pools they live in."""
-
-    pools: dict[str, RolePlacement]
-    rollout: Any = None
-    generator: Any = None
-    discriminator: Any = None
-
-    def shutdown(self) -> None:
-        for group in (self.rollout, self.generator, self.discriminator):
-            if group is not None:
-                group.shutdown()
-        release(self.pools)
 
 
 class TeacherData:
