@@ -353,8 +353,8 @@ def learner_table(results: list[dict], peak: float | None, min_moved: float) -> 
 def gad_run(args: argparse.Namespace, model: str) -> tuple[list[dict], float]:
     """A few warmup + GAD steps through the real driver; its step records and wall seconds."""
     from gad_ray.config.hydra_app import compose
-    from gad_ray.driver.metrics import read_metrics
     from gad_ray.driver.driver import train
+    from gad_ray.driver.metrics import read_metrics
 
     run_dir = Path(args.work_dir) / "gad-run"
     shutil.rmtree(run_dir, ignore_errors=True)

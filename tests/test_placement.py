@@ -3,9 +3,13 @@
 import pytest
 import ray
 
+from gad_ray import recipes
 from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import ConfigError
+from gad_ray.driver.roles import Roles
 from gad_ray.placement import plan_placement, release
+
+GAD = ("rollout", "generator", "discriminator")
 
 
 @ray.remote
@@ -40,7 +44,7 @@ def test_disaggregated_gives_each_role_its_own_gpus(gpu_ray):
     cfg = _cfg("cluster.placement=disaggregated", "rollout.num_workers=1",
                "rollout.tensor_parallel_size=2", "learner.generator_ranks=1",
                "learner.discriminator_ranks=1")
-    placements = plan_placement(cfg)
+    placements = plan_placement(cfg, GAD)
     try:
         gpus = _gpus_by_role(placements)
     finally:
@@ -54,7 +58,7 @@ def test_colocated_puts_rank_i_of_every_role_on_gpu_i(gpu_ray):
     cfg = _cfg("cluster.placement=colocated", "rollout.num_workers=4",
                "learner.generator_ranks=4", "learner.discriminator_ranks=4",
                "learner.micro_batch_size=1")
-    placements = plan_placement(cfg)
+    placements = plan_placement(cfg, GAD)
     try:
         gpus = _gpus_by_role(placements)
     finally:
@@ -68,11 +72,42 @@ def test_too_few_gpus_is_a_config_error_naming_the_keys(gpu_ray):
                "rollout.tensor_parallel_size=2", "learner.generator_ranks=2",
                "learner.discriminator_ranks=1", "learner.micro_batch_size=1")
     with pytest.raises(ConfigError, match=r"needs 7 GPUs .* cluster.gpus_per_node = 4"):
-        plan_placement(cfg)
+        plan_placement(cfg, GAD)
     with pytest.raises(ConfigError, match="tensor_parallel_size=2"):
-        plan_placement(_cfg("cluster.placement=colocated", "rollout.tensor_parallel_size=2"))
+        plan_placement(_cfg("cluster.placement=colocated", "rollout.tensor_parallel_size=2"), GAD)
 
 
 def test_cpu_cluster_needs_no_pool():
-    placements = plan_placement(compose(["model=tiny"]))
+    placements = plan_placement(compose(["model=tiny"]), GAD)
     assert all(p.pg is None and p.num_gpus == 0 for p in placements.values())
+
+
+PROXY = [
+    "algorithm=proxy_kd",
+    "learner.generator_ranks=2",
+    "algorithm.proxy_kd.ranks=2",
+    "rollout.num_workers=2",
+    "learner.micro_batch_size=1",
+]
+
+
+def test_proxy_kd_roles_share_the_colocated_pool_stage_by_stage(gpu_ray):
+    """Every Proxy-KD role is placed by the same factory: colocated, actor i of the proxy, its
+    rollout, the frozen proxy, the student and its rollout all land on GPU i."""
+    cfg = _cfg("cluster.placement=colocated", *PROXY)
+    role_sets = recipes.build(cfg).role_sets()
+    roles = Roles(cfg, "unused", {}, role_sets)
+    try:
+        by_stage = [_gpus_by_role({r: roles.places[r] for r in rs}) for rs in role_sets]
+    finally:
+        roles.shutdown()
+    for gpus in by_stage:  # each stage's roles fit their fractions of the same 2 GPUs
+        assert len({tuple(g) for g in gpus.values()}) == 1
+    assert by_stage[0]["proxy"] == by_stage[-1]["generator"] == by_stage[-1]["proxy_frozen"]
+
+
+def test_proxy_kd_disaggregated_sets_are_checked_before_any_actor(gpu_ray):
+    cfg = _cfg("cluster.placement=disaggregated", *PROXY, "rollout.tensor_parallel_size=2")
+    # alignment: proxy 2 + its rollout 2 x 2 = 6 GPUs > 4
+    with pytest.raises(ConfigError, match=r"needs 6 GPUs \(proxy: 2 x 1 GPU, proxy_rollout"):
+        Roles(cfg, "unused", {}, recipes.build(cfg).role_sets())

@@ -10,7 +10,7 @@ import ray
 
 from gad_ray.config.hydra_app import CONF_DIR, compose
 from gad_ray.config.schema import ConfigError
-from gad_ray.driver.train import Trainer
+from gad_ray.driver.driver import Driver
 from gad_ray.plan import check_fits, layout, make_plan, place_on_ray
 
 GiB = 2**30
@@ -121,7 +121,7 @@ def test_a_gpu_out_of_memory_names_the_knobs_and_stops_the_driver():
         check_fits(cfg)
     # the real run: the check comes before any actor, Ray or run directory
     with pytest.raises(ConfigError, match="does not fit its GPUs"):
-        Trainer(
+        Driver(
             cfg.model_copy(
                 update={"trainer": cfg.trainer.model_copy(update={"run_dir": "/nonexistent/x"})}
             )

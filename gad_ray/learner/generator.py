@@ -246,29 +246,30 @@ class GeneratorWorker(LearnerWorker):
 
 
 class GeneratorGroup(LearnerGroup):
-    """The student policy learner: ``cfg.learner.generator_ranks`` actors (docs/algorithms.md §2.4-§2.5)."""
+    """The student policy learner: ``cfg.learner.generator_ranks`` actors (docs/algorithms.md
+    §2.4-§2.5)."""
+
+    worker_cls: type = GeneratorWorker
+    role = "generator"
 
     def __init__(
         self,
         cfg: Config,
         model_path: str | None = None,
         total_steps: int | None = None,
-        with_reference: bool | None = None,
+        with_reference: bool = True,
         cpus_per_rank: int = 1,
         placement: RolePlacement | None = None,
     ) -> None:
-        """``model_path`` defaults to ``cfg.model.student.path``; ``with_reference`` (a frozen KL
-        anchor) defaults to whether the algorithm runs GRPO; ``total_steps`` is needed by a
-        cosine LR schedule."""
+        """``model_path`` defaults to ``cfg.model.student.path``; ``with_reference``: hold a
+        frozen KL anchor (GRPO needs one); ``total_steps`` is needed by a cosine LR schedule."""
         path = model_path or cfg.model.student.path
         model_max_context(path)  # fails fast on the host with ModelLoadError naming the path
-        if with_reference is None:
-            with_reference = cfg.algorithm.uses_discriminator
         super().__init__(
-            GeneratorWorker,
+            self.worker_cls,
             cfg,
             cfg.learner.generator_ranks,
-            "generator",
+            self.role,
             cpus_per_rank,
             placement=placement,
             model_path=path,

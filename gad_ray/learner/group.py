@@ -18,6 +18,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, split_for_ranks
+from gad_ray.futures import AsyncCalls
 from gad_ray.placement import RolePlacement
 
 
@@ -31,8 +32,9 @@ def _bundles(num_ranks: int, use_gpu: bool, cpus_per_rank: int) -> list[dict[str
     return [{"CPU": cpus_per_rank} for _ in range(num_ranks)]
 
 
-class LearnerGroup:
-    """N actors of ``worker_cls`` (a :class:`~gad_ray.learner.worker.LearnerWorker`)."""
+class LearnerGroup(AsyncCalls):
+    """N actors of ``worker_cls`` (a :class:`~gad_ray.learner.worker.LearnerWorker`);
+    ``submit`` runs any of its blocking calls asynchronously (:mod:`gad_ray.futures`)."""
 
     def __init__(
         self,
@@ -179,6 +181,7 @@ class LearnerGroup:
         """Kill the actors (their process group goes with them) and release the placement group.
 
         No collective teardown: it would hang when a rank has died."""
+        self.close_calls()
         workers, self.workers = getattr(self, "workers", []), []
         for w in workers:
             ray.kill(w)

@@ -22,8 +22,7 @@ from gad_ray.algorithms import dpo_loss, proxy_topk, seq_mean_logp, token_logpro
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, concat_batches
 from gad_ray.learner.generator import GeneratorGroup, GeneratorWorker, _check_batch, policy_logprobs
-from gad_ray.learner.group import LearnerGroup
-from gad_ray.models.loading import model_max_context
+from gad_ray.models.loading import check_same_tokenizer, load_tokenizer
 from gad_ray.placement import RolePlacement
 
 
@@ -37,6 +36,18 @@ def proxy_view(cfg: Config) -> Config:
     view.algorithm.generator_optim = pk.proxy_optim.model_copy()
     view.learner.generator_ranks = pk.ranks
     return view
+
+
+def check_proxy_tokenizer(cfg: Config) -> None:
+    """Raise :class:`ModelLoadError` when the proxy's tokenizer differs from the student's: the
+    student distils the proxy's distribution over its own vocabulary."""
+    student, proxy = cfg.model.student, cfg.algorithm.proxy_kd.proxy
+    check_same_tokenizer(
+        load_tokenizer(student.tokenizer or student.path),
+        load_tokenizer(proxy.tokenizer or proxy.path),
+        f"student (model.student.path={student.path!r})",
+        f"proxy (algorithm.proxy_kd.proxy.path={proxy.path!r})",
+    )
 
 
 class ProxyWorker(GeneratorWorker):
@@ -79,6 +90,9 @@ class ProxyGroup(GeneratorGroup):
     (``train_sft``, ``compute_logprobs``, ``reset_reference``, ``sync_weights``, checkpoints,
     ``save_pretrained``) apply to the proxy."""
 
+    worker_cls = ProxyWorker
+    role = "proxy"
+
     def __init__(
         self,
         cfg: Config,
@@ -89,26 +103,18 @@ class ProxyGroup(GeneratorGroup):
         placement: RolePlacement | None = None,
     ) -> None:
         """``model_path`` defaults to ``algorithm.proxy_kd.proxy.path``; ``with_reference``
-        (the frozen DPO reference) is needed for ``train_dpo`` only."""
+        (the frozen DPO reference) is needed for ``train_dpo`` only. The proxy's tokenizer
+        must be the student's (checked here, before any actor starts)."""
         view = proxy_view(cfg)
-        path = model_path or view.model.student.path
-        model_max_context(path)  # fails fast on the host with ModelLoadError naming the path
-        LearnerGroup.__init__(
-            self,
-            ProxyWorker,
+        check_proxy_tokenizer(cfg)
+        super().__init__(
             view,
-            view.learner.generator_ranks,
-            "proxy",
+            model_path or view.model.student.path,
+            total_steps,
+            with_reference,
             cpus_per_rank,
-            placement=placement,
-            model_path=path,
-            with_reference=with_reference,
-            total_steps=total_steps,
+            placement,
         )
-
-    def teacher_loglik(self, batch: TokenBatch) -> torch.Tensor:
-        """The proxy's mean token log-prob of each row's response [B]."""
-        return seq_mean_logp(self.compute_logprobs(batch), batch.response_mask)
 
     def train_dpo(self, chosen: TokenBatch, rejected: TokenBatch) -> dict[str, float]:
         """One optimizer step of DPO + SFT on the chosen response (docs/algorithms.md §4.3) over the pairs

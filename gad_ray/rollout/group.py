@@ -4,6 +4,7 @@ import ray
 
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import balanced_partition
+from gad_ray.futures import AsyncCalls
 from gad_ray.models.loading import VLLM_CPU_ENV
 from gad_ray.placement import RolePlacement
 from gad_ray.rollout.hf_worker import HFRolloutWorker
@@ -11,7 +12,7 @@ from gad_ray.rollout.types import Sample
 from gad_ray.rollout.vllm_worker import RolloutWorker
 
 
-class RolloutGroup:
+class RolloutGroup(AsyncCalls):
     """Owns ``cfg.rollout.num_workers`` workers of ``cfg.rollout.backend`` (``vllm`` | ``hf``).
 
     ``generate`` splits a batch across the workers (balanced by prompt length + max_tokens,
@@ -74,6 +75,7 @@ class RolloutGroup:
         return ray.get([w.wake_up.remote(tags) for w in self.workers])
 
     def shutdown(self) -> None:
+        self.close_calls()
         for w in self.workers:
             ray.kill(w)
         self.workers = []

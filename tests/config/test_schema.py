@@ -2,6 +2,7 @@
 
 import pytest
 
+from gad_ray import recipes
 from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import Config, ConfigError, validate_config
 
@@ -33,7 +34,7 @@ def test_minimal_config_validates_with_defaults():
     assert cfg.algorithm.grpo.kl_estimator == "low_var_kl"
     assert cfg.algorithm.grpo.clip_low == cfg.algorithm.grpo.clip_high == 0.2
     assert cfg.model.discriminator.path == "student"
-    assert cfg.algorithm.uses_discriminator and not cfg.algorithm.freeze_discriminator
+    assert [s.name for s in recipes.build(cfg).stages] == ["warmup", "gad"]
 
 
 def test_unknown_key_is_named_with_its_value():
@@ -110,8 +111,10 @@ def test_composed_presets_validate():
     for alg in ("seqkd", "gad_frozen_d"):
         c = compose([f"algorithm={alg}"])
         assert c.algorithm.name == alg
-    assert compose(["algorithm=gad_frozen_d"]).algorithm.freeze_discriminator
-    assert not compose(["algorithm=seqkd"]).algorithm.uses_discriminator
+    frozen = recipes.build(compose(["algorithm=gad_frozen_d"])).stages[1]
+    assert frozen.step.__name__ == "frozen_d_gad_step" and "discriminator" in frozen.roles
+    seqkd = recipes.build(compose(["algorithm=seqkd"]))
+    assert all("discriminator" not in s.roles for s in seqkd.stages)
 
 
 def test_paper_recipe_has_spec_numbers():

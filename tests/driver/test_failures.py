@@ -11,8 +11,8 @@ import pytest
 import ray
 
 from gad_ray.config.schema import ConfigError
+from gad_ray.driver.driver import Driver, TrainingAborted
 from gad_ray.driver.metrics import read_metrics
-from gad_ray.driver.train import Trainer, TrainingAborted
 from gad_ray.synthetic.server import start_server_thread
 
 from .conftest import TEACHER_KEY_ENV, tiny_overrides
@@ -26,16 +26,14 @@ def test_config_errors_are_caught_before_any_actor_starts(make_cfg):
 
 def test_dead_actor_ends_the_run_naming_the_role_and_the_checkpoint(ray_session, make_cfg):
     cfg = make_cfg("trainer.save_every=1")
-    trainer = Trainer(cfg)
+    driver = Driver(cfg)
     try:
-        trainer.total_steps = 1
-        trainer.fit()
-        trainer.total_steps = 4
-        ray.kill(trainer.discriminator.workers[0])
+        driver.fit(stop_at=1)
+        ray.kill(driver.roles["discriminator"].workers[0])
         with pytest.raises(TrainingAborted) as err:
-            trainer.fit()
+            driver.fit()
     finally:
-        trainer.shutdown()
+        driver.shutdown()
     msg = str(err.value)
     assert "discriminator" in msg and "step_00000001" in msg and "resume=auto" in msg
 
@@ -59,18 +57,16 @@ def test_teacher_outage_ends_the_run_with_a_resumable_checkpoint(ray_session, tm
             "trainer.save_every=1",
         )
     )
-    trainer = Trainer(cfg)
+    driver = Driver(cfg)
     try:
-        trainer.total_steps = 1
-        trainer.fit()
+        driver.fit(stop_at=1)
         server.stop()  # the API goes away
-        trainer.total_steps = 4
         t0 = time.time()
         with pytest.raises(TrainingAborted, match="teacher") as err:
-            trainer.fit()
+            driver.fit()
         assert time.time() - t0 < 60
     finally:
-        trainer.shutdown()
+        driver.shutdown()
     assert "step_00000001" in str(err.value)
     assert os.environ[TEACHER_KEY_ENV] not in str(err.value)
 

@@ -7,11 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from gad_ray import recipes
 from gad_ray.config.hydra_app import compose
+from gad_ray.driver.driver import Driver, train
 from gad_ray.driver.metrics import read_metrics
-from gad_ray.driver.proxy_kd import ProxyKDTrainer, Stages, proxy_kd_stages, train
 from gad_ray.models.loading import ModelLoadError
 from gad_ray.models.tiny import build_tiny_model, build_tokenizer, model_config
+from gad_ray.recipes.proxy_kd import slices
 
 STAGES = ["proxy_sft"] * 2 + ["proxy_dpo"] * 2 + ["student_kd"] * 4
 
@@ -82,12 +84,14 @@ def full_run(ray_session, models, tmp_path_factory):
 
 def test_stages_slice_the_data_by_the_fractions(models, tmp_path):
     cfg = compose(overrides(tmp_path, models))
-    stages = proxy_kd_stages(cfg, 8)
-    assert stages == Stages(sft=2, dpo_iterations=2, dpo_per_iteration=1, student=4)
-    assert [stages.stage(s) for s in range(stages.total)] == STAGES
-    assert stages.dpo_position(3) == (2, 0)
+    assert slices(cfg, 8) == (2, 1, 4)  # SFT steps, steps per DPO iteration, student steps
+    stages = recipes.build(cfg, 8).stages
+    assert [s.name for s in stages for _ in range(s.steps)] == STAGES
+    assert [s.roles for s in stages] == [("proxy",)] + [("proxy", "proxy_rollout")] * 2 + [
+        ("proxy_frozen", "generator", "rollout")
+    ]
     with pytest.raises(Exception, match=r"3 steps of data.prompts_per_step=2 .* leaving 0"):
-        proxy_kd_stages(cfg, 3)
+        slices(cfg, 3)
 
 
 def test_tokenizer_mismatch_is_a_clear_error(models, tmp_path):
@@ -101,7 +105,7 @@ def test_tokenizer_mismatch_is_a_clear_error(models, tmp_path):
         match=r"student \(model.student.path='.*student0'\) and "
         r"proxy \(algorithm.proxy_kd.proxy.path=.*other'\) tokenizers differ",
     ):
-        ProxyKDTrainer(cfg)
+        Driver(cfg)
 
 
 def test_three_stages_log_their_metrics_and_export(full_run):
@@ -140,12 +144,11 @@ def test_three_stages_log_their_metrics_and_export(full_run):
 def test_resume_across_stage_boundaries_equals_an_uninterrupted_run(full_run, models, tmp_path):
     cfg = compose(overrides(tmp_path / "part", models))
     for stop in (3, 6):  # in DPO iteration 1 (proxy state), then inside the student stage
-        trainer = ProxyKDTrainer(cfg)
+        driver = Driver(cfg)
         try:
-            trainer.total_steps = stop
-            trainer.fit()
+            driver.fit(stop_at=stop)
         finally:
-            trainer.shutdown()
+            driver.shutdown()
         assert _steps(tmp_path / "part")[-1]["step"] == stop - 1
     ckpt = tmp_path / "part" / "checkpoints"
     assert (ckpt / "step_00000004" / "generator").is_dir()

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from gad_ray import recipes
+from gad_ray.driver.driver import Driver, train
 from gad_ray.driver.metrics import read_metrics
-from gad_ray.driver.train import Trainer, stage_lengths, train
 
 
 def _steps(run_dir):
@@ -62,7 +63,7 @@ def test_gad_runs_warmup_then_gad_and_exports(ray_session, make_cfg):
 
 def test_seqkd_trains_the_generator_only(ray_session, make_cfg):
     cfg = make_cfg("algorithm=seqkd", "algorithm.warmup.epochs=1")
-    assert stage_lengths(cfg, 4) == (4, 4)
+    assert [(s.name, s.steps) for s in recipes.build(cfg, 4).stages] == [("warmup", 4)]
     run_dir = train(cfg)
     steps = _steps(run_dir)
     assert len(steps) == 4 and all(r["stage"] == "warmup" for r in steps)
@@ -94,12 +95,11 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(ray_session, make
     full = train(make_cfg("trainer.save_every=1", run_dir=tmp_path / "full"))
     # Interrupted run: stop after 3 steps (crossing the warmup/GAD boundary), then resume.
     part_cfg = make_cfg("trainer.save_every=1", run_dir=tmp_path / "part")
-    trainer = Trainer(part_cfg)
+    driver = Driver(part_cfg)
     try:
-        trainer.total_steps = 3
-        trainer.fit()
+        driver.fit(stop_at=3)
     finally:
-        trainer.shutdown()
+        driver.shutdown()
     assert _steps(tmp_path / "part")[-1]["step"] == 2
     resumed = train(part_cfg)
     a, b = _steps(full), _steps(resumed)
