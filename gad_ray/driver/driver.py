@@ -28,7 +28,7 @@ from gad_ray.data.batch import TokenBatch, make_batch
 from gad_ray.data.tokenize import TokenizedExample
 from gad_ray.driver import state as st
 from gad_ray.driver.metrics import MetricsLogger, plot_metrics
-from gad_ray.driver.roles import Roles
+from gad_ray.driver.roles import Roles, preflight
 from gad_ray.driver.setup import TeacherData, init_ray, load_eval_set
 from gad_ray.driver.stages import Sampling, Stage, StepInput, prefix
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
@@ -66,8 +66,10 @@ class Driver:
         self.stop_requested = False
         self.resume_ckpt = st.find_resume_checkpoint(cfg, self.run_dir)
         self.step = st.read_trainer_state(self.resume_ckpt)["step"] if self.resume_ckpt else 0
+        preflight(cfg, recipe.role_sets())
         init_ray(cfg, recipe.role_sets())
         try:
+            self.data.start()
             self.roles = Roles(cfg, self.student_path, recipe.roles, recipe.role_sets())
             self.current = self.stage_at(self.step)
             self.ensure_roles(self.current)
@@ -103,7 +105,7 @@ class Driver:
                     every = self.cfg.trainer.eval_every
                     if every and step % every == 0 and step > 0 and step not in self.starts:
                         self.log_eval(logger, "periodic", step)
-                    logger.log(step, self.run_step(self.current, step, end))
+                    logger.log(step, self.run_step(self.current, step))
                     step = self.step = step + 1
                     boundary = step < self.total_steps and self.stage_at(step) is not self.current
                     new_ckpt_roles = boundary and (
@@ -156,14 +158,14 @@ class Driver:
             if self.roles.is_rollout(name):
                 self.versions[name] = 0
 
-    def run_step(self, stage: Stage, step: int, end: int) -> dict[str, Any]:
+    def run_step(self, stage: Stage, step: int) -> dict[str, Any]:
         self.times = {}
         t0 = time.perf_counter()
         examples = self.data.batch_for_step(step)
         teacher = self.batch([e.prompt_ids for e in examples], [e.response_ids for e in examples])
         x = StepInput(step, step - self.starts[self.stages.index(stage)], examples, teacher)
         if stage.sampling is not None:
-            self.sample(stage.sampling, x, end)
+            self.sample(stage.sampling, x)
         metrics = stage.step(self, x)
         elapsed = time.perf_counter() - t0
         metrics |= {f"time/{k}": v for k, v in self.times.items()}
@@ -198,7 +200,7 @@ class Driver:
     # ---------------------------------------------------------------------------------------
     # sampling, weight sync, eval
 
-    def sample(self, s: Sampling, x: StepInput, end: int) -> None:
+    def sample(self, s: Sampling, x: StepInput) -> None:
         """Fill ``x`` with this step's samples: generated now (``trainer.pipeline=sync``), or
         during the last step with the weights of the step before (``one_step_off``), in which
         case the next step's generation starts now and runs while this step trains."""
@@ -209,10 +211,10 @@ class Driver:
         self.pending = None
         with self.timer("wait_rollout"):
             samples, self.times["generate"] = future.result()
-        nxt = x.step + 1
+        nxt = x.step + 1  # launched even past a stop_at: the checkpoint keeps it, as it must
         if (
             self.cfg.trainer.pipeline == "one_step_off"
-            and nxt < end
+            and nxt < self.total_steps
             and self.stage_at(nxt).sampling == s
         ):
             nxt_future, nxt_version = self.launch(s, self.data.peek(), nxt)

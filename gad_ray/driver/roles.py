@@ -20,6 +20,23 @@ from gad_ray.models.loading import resolve_model_path
 from gad_ray.placement import RolePlacement, check_gpus, is_rollout, plan_placement, release
 
 
+def preflight(cfg: Config, role_sets: list[tuple[str, ...]]) -> None:
+    """Before Ray starts: every model the roles load resolves, and shares the student's
+    tokenizer where it must (D scores, and the proxy teaches, the student's token ids)."""
+    from gad_ray.discriminator.model import check_discriminator_tokenizer, discriminator_source
+    from gad_ray.learner.proxy import check_proxy_tokenizer
+    from gad_ray.models.loading import model_max_context
+
+    roles = {r for rs in role_sets for r in rs}
+    model_max_context(cfg.model.student.path)
+    if "discriminator" in roles:
+        model_max_context(discriminator_source(cfg))
+        check_discriminator_tokenizer(cfg)
+    if roles & {"proxy", "proxy_rollout"}:
+        model_max_context(cfg.algorithm.proxy_kd.proxy.path)
+        check_proxy_tokenizer(cfg)
+
+
 class Roles:
     """The live role groups of a run, built on demand (``ensure``) in their planned places."""
 

@@ -80,16 +80,22 @@ class TeacherData:
         )
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.fetcher = None
+        self.run_dir = run_dir
         # batches read ahead: [data position before it, fetch id, examples, responses in?]
         self.ahead: deque[list] = deque()
         self.next_id = 0
-        if live:
-            from gad_ray.teacher.fetcher import TeacherFetcher
 
-            cache = Path(cfg.teacher.api.cache_path)
-            cache = cache if cache.is_absolute() else run_dir / cache
-            self.fetcher = TeacherFetcher.remote(cfg.teacher.api.model_dump(), str(cache))
-            ray.get(self.fetcher.start.remote())  # no key / unreachable endpoint: fails here
+    def start(self) -> None:
+        """With ``teacher.source=api``, start the fetcher actor (Ray must be up): a missing key
+        or an unreachable endpoint fails here."""
+        if self.cfg.teacher.source != "api" or self.fetcher is not None:
+            return
+        from gad_ray.teacher.fetcher import TeacherFetcher
+
+        cache = Path(self.cfg.teacher.api.cache_path)
+        cache = cache if cache.is_absolute() else self.run_dir / cache
+        self.fetcher = TeacherFetcher.remote(self.cfg.teacher.api.model_dump(), str(cache))
+        ray.get(self.fetcher.start.remote())
 
     def batch_for_step(self, step: int) -> list[TokenizedExample]:
         """The batch of ``step``: the next one in the data order (already fetched by ``peek``)."""
