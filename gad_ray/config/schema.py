@@ -204,6 +204,9 @@ class LearnerConfig(_Strict):
     param_offload: bool = False
     optimizer_offload: bool = False
     reference_offload: bool = False
+    # colocated: offload an idle learner's params and optimizer state to CPU while other roles
+    # run (GPU only; a no-op on CPU)
+    offload_idle: bool = False
 
 
 class TeacherBudget(_Strict):
@@ -404,6 +407,14 @@ def _combination_problems(cfg: Config):
                 f"learner.max_tokens_per_micro_batch={lrn.max_tokens_per_micro_batch} is smaller "
                 f"than one sequence (data.max_prompt_length + data.max_response_length = {need})"
             )
+    ds3 = lrn.backend == "deepspeed" and lrn.zero_stage == 3
+    if lrn.offload_idle and ds3 and lrn.param_offload:
+        yield (
+            "learner.offload_idle=true with learner.backend=deepspeed, zero_stage=3 and "
+            "learner.param_offload=true: DeepSpeed cannot move the states of an engine that "
+            "offloads its parameters (they already live on CPU); drop one of the two, or use "
+            "learner.backend=fsdp"
+        )
     if cfg.teacher.source == "api":
         for key in ("base_url", "model"):
             if not getattr(cfg.teacher.api, key):
