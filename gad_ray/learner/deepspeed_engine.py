@@ -21,8 +21,8 @@ Offloading (:meth:`DeepSpeedEngine.offload`) uses DeepSpeed's ``offload_states``
 (``hp_params``), the bf16/fp32 module parameters (``lp_params``), the gradient partitions
 (``lp_grads``) and the optimizer state (``optim_states``, any torch optimizer). ZeRO-3's
 ``offload_states`` refuses ``hp_params`` and ``optim_states`` unless the optimizer is DeepSpeed's
-FusedAdam, so it offloads ``lp_params``, ``lp_grads`` (the persistent fp32 gradient partition
-buffer) and ``contiguous_grad_buffer`` (the reduce bucket, freed and re-allocated empty), and
+FusedAdam, so it offloads ``lp_params``, ``lp_grads`` (the gradient partition buffer, kept
+between steps) and ``contiguous_grad_buffer`` (the reduce bucket, freed and re-allocated empty), and
 this module moves the fp32 master partitions (``fp32_partitioned_groups_flat``) and the AdamW
 state itself. ZeRO-3's small persistent parameters (below ``stage3_param_persistence_threshold``)
 stay on the device. DeepSpeed refuses to move the states of an engine with ``offload_param``

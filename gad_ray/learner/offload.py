@@ -4,8 +4,9 @@ Small functions over (module | optimizer | tensors, device) that the engines'
 ``offload``/``onload`` compose. A move to the device a tensor is already on does nothing, so on a
 CPU-only machine offloading runs the same code and moves nothing; ``copy=True`` makes every move
 a real copy into new storage even then (how the tests exercise the moves without a GPU). A copy
-from CUDA to CPU is ``non_blocking``, which lands it in pinned host memory (fast to copy back);
-call :func:`synchronize` before relying on it.
+from CUDA to CPU is ``non_blocking``, which lands it in pinned host memory (fast to copy back),
+and is waited for at once (host code, e.g. FSDP2 re-padding a shard, may read it next); copies
+to CUDA are queued on the current stream: call :func:`synchronize` to wait for them.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ _GB = 1e9
 
 
 def to_device(t: torch.Tensor, device: torch.device, copy: bool = False) -> torch.Tensor:
-    """``t`` itself when already on ``device`` (and not ``copy``), else a copy there."""
+    """``t`` itself when already on ``device`` (and not ``copy``), else a copy there (pinned
+    and complete when it comes from CUDA to CPU)."""
     if t.device == device and not copy:
         return t
-    return t.to(device, non_blocking=True, copy=True)
+    out = t.to(device, non_blocking=True, copy=True)
+    if t.device.type == "cuda" and device.type == "cpu":
+        torch.cuda.current_stream(t.device).synchronize()
+    return out
 
 
 @torch.no_grad()
