@@ -411,6 +411,14 @@ def _combination_problems(cfg: Config):
                 f"learner.max_tokens_per_micro_batch={lrn.max_tokens_per_micro_batch} is smaller "
                 f"than one sequence (data.max_prompt_length + data.max_response_length = {need})"
             )
+    ds3 = lrn.backend == "deepspeed" and lrn.zero_stage == 3
+    if lrn.offload_idle and ds3 and lrn.param_offload:
+        yield (
+            "learner.offload_idle=true with learner.backend=deepspeed, zero_stage=3 and "
+            "learner.param_offload=true: DeepSpeed cannot move the states of an engine that "
+            "offloads its parameters (they already live on CPU); drop one of the two, or use "
+            "learner.backend=fsdp"
+        )
     if cfg.teacher.source == "api":
         for key in ("base_url", "model"):
             if not getattr(cfg.teacher.api, key):

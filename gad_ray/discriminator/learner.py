@@ -84,7 +84,8 @@ class DiscriminatorWorker(LearnerWorker):
     def save_pretrained(self, path: str) -> None:
         """HF ``ForSequenceClassification`` export (+ the student's tokenizer) by rank 0, in
         the compute dtype."""
-        state = self.engine.full_state_dict(self.engine.dtype)
+        with self.onloaded():
+            state = self.engine.full_state_dict(self.engine.dtype)
         if self.rank == 0:
             tok = load_tokenizer(self.tokenizer_path)
             export_hf(path, state, self.hf_config, tok, AutoModelForSequenceClassification)

@@ -15,6 +15,21 @@ compute DeepSpeed holds the module in bf16 and keeps the fp32 masters in the ZeR
 
 Frozen models (the GRPO reference): ZeRO-3 partitions them like the trained model (an engine
 without optimizer); with ZeRO-2 they are plain replicated modules.
+
+Offloading (:meth:`DeepSpeedEngine.offload`) uses DeepSpeed's ``offload_states`` /
+``reload_states`` (0.19.8). ZeRO-2 offloads every state through it: the fp32 masters
+(``hp_params``), the bf16/fp32 module parameters (``lp_params``), the gradient partitions
+(``lp_grads``) and the optimizer state (``optim_states``, any torch optimizer). ZeRO-3's
+``offload_states`` refuses ``hp_params`` and ``optim_states`` unless the optimizer is DeepSpeed's
+FusedAdam, so it offloads ``lp_params``, ``lp_grads`` (the gradient partition buffer, kept
+between steps) and ``contiguous_grad_buffer`` (the reduce bucket, freed and re-allocated empty), and
+this module moves the fp32 master partitions (``fp32_partitioned_groups_flat``) and the AdamW
+state itself. ZeRO-3's small persistent parameters (below ``stage3_param_persistence_threshold``)
+stay on the device. DeepSpeed refuses to move the states of an engine with ``offload_param``
+(``learner.param_offload`` under ZeRO-3 on GPU): the config rejects that combination with
+``learner.offload_idle``. Frozen models: ZeRO-2's are plain modules, moved like any module;
+ZeRO-3's (an engine without optimizer, which ``offload_states`` does not support) have each
+parameter's partition (``ds_tensor``) and data moved here.
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from torch import nn
 
 from gad_ray.config.schema import LearnerConfig, OptimConfig
 from gad_ray.learner.engine import MASTER_DTYPE, Engine
+from gad_ray.learner.offload import CPU, move_data, move_module, move_optimizer_state
 from gad_ray.learner.optim import build_optimizer, build_scheduler
 
 CHECKPOINT_TAG = "deepspeed"
@@ -141,6 +157,56 @@ class DeepSpeedEngine(Engine):
         )
         self.module = self.ds
         self.grad_factor = float(dist.get_world_size())
+        self.zero_stage = lcfg.zero_stage
+        self.frozen_on_cpu = (
+            lcfg.reference_offload and device.type == "cuda" and self.zero_stage == 3
+        )
+
+    # -- offload ---------------------------------------------------------------------------
+    def _own_moves(self) -> bool:
+        """Whether we move the fp32 masters and Adam state ourselves: ZeRO-3 with them on the
+        device (``offload_states`` only moves FusedAdam's; with ``optimizer_offload`` on GPU
+        they already live on CPU)."""
+        return self.zero_stage == 3 and not self.ds.zero_use_cpu_optimizer()
+
+    def _move_frozen(self, frozen: dict[str, nn.Module], device: torch.device, copy: bool) -> None:
+        if self.frozen_on_cpu:  # ZeRO-3 offload_param: the partitions already live on CPU
+            return
+        for m in frozen.values():
+            params = list(_unwrap(m).parameters())
+            if params and _zero3(params[0]):
+                move_data([p.ds_tensor for p in params], device, copy)
+                move_data(params, device, copy)  # gathered (persistent) ones hold full data
+            else:
+                move_module(m, device, copy)
+
+    def _offload(self, frozen: dict[str, nn.Module], copy: bool) -> None:
+        from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as State
+
+        if self.ds.zero_offload_param() is not None:
+            raise RuntimeError(
+                "cannot offload a DeepSpeed ZeRO-3 learner with learner.param_offload=true: "
+                "DeepSpeed 0.19.8 does not move the states of an engine that offloads its "
+                "parameters (they already live on CPU); use learner.backend=fsdp, or drop "
+                "learner.offload_idle"
+            )
+        pin = self.device.type == "cuda" or copy  # DeepSpeed's pinned path copies, also on CPU
+        if self.zero_stage == 3:
+            include = [State.lp_params, State.lp_grads, State.contiguous_grad_buffer]
+            self.ds.offload_states(include=include, pin_memory=pin)
+        else:
+            self.ds.offload_states(pin_memory=pin)
+        if self._own_moves():
+            move_data(self.ds.optimizer.fp32_partitioned_groups_flat, CPU, copy)
+            move_optimizer_state(self.ds.optimizer.optimizer, CPU, copy)
+        self._move_frozen(frozen, CPU, copy)
+
+    def _onload(self, frozen: dict[str, nn.Module], copy: bool) -> None:
+        self.ds.reload_states()
+        if self._own_moves():
+            move_data(self.ds.optimizer.fp32_partitioned_groups_flat, self.device, copy)
+            move_optimizer_state(self.ds.optimizer.optimizer, self.device, copy)
+        self._move_frozen(frozen, self.device, copy)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss, scale_wrt_gas=False)

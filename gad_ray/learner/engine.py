@@ -12,6 +12,10 @@ step at lr 1e-6: the bf16 spacing near a weight of 0.02 is ~1.2e-4.
 Gradient convention: backends AVERAGE gradients over ranks, so a worker multiplies each
 micro-batch loss by ``engine.grad_factor`` (the world size) to get the gradient of the global
 loss, whose micro-batch terms are already divided by the global denominator.
+
+Offloading (colocated roles): :meth:`Engine.offload` moves this rank's trained state and the
+frozen models to CPU while other roles use the accelerator, :meth:`Engine.onload` brings them
+back; the other methods expect an onloaded engine (the worker onloads on demand).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from gad_ray.config.schema import LearnerConfig, ModelSpec, OptimConfig
 from gad_ray.learner import checkpoint
+from gad_ray.learner.offload import CPU, move_module, move_optimizer_state, synchronize
 from gad_ray.learner.optim import build_optimizer, build_scheduler, set_base_lr
 
 
@@ -45,6 +50,8 @@ class Engine(ABC):
     dtype: torch.dtype  # the compute dtype (masters are fp32)
     grad_factor: float  # multiply each micro-batch loss by this before ``backward``
     scheduler: torch.optim.lr_scheduler.LambdaLR  # from :func:`build_scheduler`
+    device: torch.device  # the accelerator (or CPU) this rank computes on
+    offloaded: bool = False  # set by offload(), cleared by onload()
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
@@ -86,6 +93,36 @@ class Engine(ABC):
     @abstractmethod
     def copy_params_to(self, frozen: nn.Module) -> None:
         """Copy this model's current parameters into a frozen model built by ``build_frozen``."""
+
+    def offload(self, frozen: dict[str, nn.Module], copy: bool = False) -> None:
+        """Move this rank's trained state (fp32 master shards, gradients if any, optimizer
+        state) and the ``frozen`` models (built by ``build_frozen``) to CPU, then free the
+        accelerator's cached memory. Already offloaded: nothing. What the config already keeps
+        on CPU (``learner.param_offload`` / ``optimizer_offload`` / ``reference_offload``)
+        stays. On a CPU engine the moves are no-ops; ``copy`` makes each a real copy into new
+        storage (for tests). Local to this rank (not collective)."""
+        if self.offloaded:
+            return
+        self._offload(frozen, copy)
+        self.offloaded = True
+        synchronize(self.device, free_cache=True)
+
+    def onload(self, frozen: dict[str, nn.Module], copy: bool = False) -> None:
+        """Inverse of :meth:`offload`: everything back on ``self.device``. Not offloaded:
+        nothing."""
+        if not self.offloaded:
+            return
+        self._onload(frozen, copy)
+        self.offloaded = False
+        synchronize(self.device)
+
+    @abstractmethod
+    def _offload(self, frozen: dict[str, nn.Module], copy: bool) -> None:
+        """The backend's moves of :meth:`offload`."""
+
+    @abstractmethod
+    def _onload(self, frozen: dict[str, nn.Module], copy: bool) -> None:
+        """The backend's moves of :meth:`onload`."""
 
 
 MASTER_DTYPE = torch.float32  # of every trained weight and its optimizer state
@@ -155,6 +192,8 @@ class FSDP2Engine(Engine):
     ) -> None:
         offload = (lcfg.param_offload or lcfg.optimizer_offload) and device.type == "cuda"
         self.device, self.dtype = device, dtype
+        self.params_on_cpu = offload  # CPUOffloadPolicy: shards, grads and Adam state live on CPU
+        self.frozen_on_cpu = lcfg.reference_offload and device.type == "cuda"
         self.module = _shard(model.to(MASTER_DTYPE), _mesh(device), dtype, offload)
         self.grad_factor = float(dist.get_world_size())
         self.grad_clip = ocfg.grad_clip
@@ -163,6 +202,22 @@ class FSDP2Engine(Engine):
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def _move(self, frozen: dict[str, nn.Module], device: torch.device, copy: bool) -> None:
+        if not self.params_on_cpu:
+            reshard(self.module)
+            move_module(self.module, device, copy)
+            move_optimizer_state(self.optimizer, device, copy)
+        if not self.frozen_on_cpu:
+            for m in frozen.values():
+                reshard(m)
+                move_module(m, device, copy)
+
+    def _offload(self, frozen: dict[str, nn.Module], copy: bool) -> None:
+        self._move(frozen, CPU, copy)
+
+    def _onload(self, frozen: dict[str, nn.Module], copy: bool) -> None:
+        self._move(frozen, self.device, copy)
 
     def step(self) -> float:
         params = [p for p in self.module.parameters() if p.grad is not None]

@@ -217,12 +217,17 @@ class GeneratorWorker(LearnerWorker):
     def reset_reference(self) -> None:
         if self.reference is None:
             raise RuntimeError("reset_reference: this generator learner holds no reference policy")
-        self.engine.copy_params_to(self.reference)
+        with self.onloaded():
+            self.engine.copy_params_to(self.reference)
 
     # -- export ---------------------------------------------------------------------------
     def sync_weights(self, rollout_workers: list[Any]) -> dict[str, float]:
         """All ranks gather full parameters in lockstep; rank 0 streams them to the workers in
         the compute dtype."""
+        with self.onloaded():
+            return self._send_weights(rollout_workers)
+
+    def _send_weights(self, rollout_workers: list[Any]) -> dict[str, float]:
         rcfg = self.cfg.rollout
         named = self.engine.named_full_params(self.engine.dtype)
         if self.rank != 0:
@@ -237,7 +242,8 @@ class GeneratorWorker(LearnerWorker):
 
     def save_pretrained(self, path: str) -> None:
         """HF export in the compute dtype (``model.student.dtype``), written by rank 0."""
-        state = self.engine.full_state_dict(self.engine.dtype)
+        with self.onloaded():
+            state = self.engine.full_state_dict(self.engine.dtype)
         if self.rank == 0:
             spec = self.cfg.model.student
             tok = load_tokenizer(spec.tokenizer or self.model_path)

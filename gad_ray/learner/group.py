@@ -173,6 +173,29 @@ class LearnerGroup(AsyncCalls):
         """The full fp32 master parameters (gathered from the shards), for checks and tests."""
         return self.run("full_params")
 
+    def offload(self, copy: bool = False) -> list[float]:
+        """Every rank moves its trained state (fp32 master shards, gradients if any, optimizer
+        state) and frozen models (the reference) to CPU, freeing accelerator memory while other
+        roles run (``learner.offload_idle``; moves nothing on a CPU cluster). Any later method
+        that needs the state onloads it first. Per-rank seconds taken. ``copy``: copy even
+        what is already on CPU (tests)."""
+        return self.run_all("offload", copy)
+
+    def onload(self, copy: bool = False) -> list[float]:
+        """Bring every rank's state back to its device; per-rank seconds taken."""
+        return self.run_all("onload", copy)
+
+    def is_offloaded(self) -> bool:
+        """Whether the ranks' state is on CPU (offloaded and not onloaded since)."""
+        return all(self.run_all("is_offloaded"))
+
+    def memory_stats(self, reset: bool = False) -> dict[str, float]:
+        """``{"peak_gb", "current_gb"}``, each the max over ranks: the device's tensors on GPU,
+        the process RSS on CPU (``gad_ray.learner.offload.memory_stats``); the peak is since the
+        last ``reset=True`` call. The driver logs it as ``mem/<role>/<phase>_peak_gb``."""
+        stats = self.run_all("memory_stats", reset)
+        return {k: max(s[k] for s in stats) for k in stats[0]}
+
     def save_pretrained(self, path: str) -> None:
         """Hugging Face export (``save_pretrained`` + tokenizer) written by rank 0."""
         self.run("save_pretrained", path)

@@ -4,6 +4,12 @@ A role (generator, discriminator) subclasses :class:`LearnerWorker`, builds its 
 :meth:`setup` and expresses a training step as a per-micro-batch loss function handed to
 :meth:`train_step`. Every rank runs the same number of forwards/backwards: an empty
 micro-batch (see ``split_for_ranks``) runs a dummy row with zero loss so collectives line up.
+
+Offloading: :meth:`LearnerWorker.offload` parks the idle learner's state on CPU. Any method that
+needs it onloads automatically: training and forward passes leave the learner onloaded (it is
+active again), while checkpoint save/load, gathering full parameters, weight sync, export and
+the reference reset offload it again afterwards (they onload for the duration, which needs the
+learner's accelerator memory for that long).
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,6 +28,7 @@ from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch
 from gad_ray.learner import checkpoint
 from gad_ray.learner.engine import Engine
+from gad_ray.learner.offload import memory_stats
 
 # (global rows of the micro-batch, micro-batch) -> (loss already divided by the global
 # denominators, additive metric sums)
@@ -68,12 +76,48 @@ class LearnerWorker:
         """Build the models and ``self.engine`` (collective)."""
         raise NotImplementedError
 
+    # -- offloading an idle learner -------------------------------------------------------
+    def offload(self, copy: bool = False) -> float:
+        """Move this rank's trained state and frozen models to CPU (:meth:`Engine.offload`);
+        return the seconds taken."""
+        start = time.perf_counter()
+        self.engine.offload(self.frozen_models(), copy)
+        return time.perf_counter() - start
+
+    def onload(self, copy: bool = False) -> float:
+        """Bring the state back to the device (:meth:`Engine.onload`); return the seconds."""
+        start = time.perf_counter()
+        self.engine.onload(self.frozen_models(), copy)
+        return time.perf_counter() - start
+
+    def is_offloaded(self) -> bool:
+        return self.engine.offloaded
+
+    @contextmanager
+    def onloaded(self) -> Iterator[None]:
+        """Run the body with the state on the device: an offloaded learner onloads for it and
+        offloads again afterwards."""
+        was_offloaded = self.engine.offloaded
+        self.onload()
+        try:
+            yield
+        finally:
+            if was_offloaded:
+                self.offload()
+
+    def memory_stats(self, reset: bool = False) -> dict[str, float]:
+        """``{"peak_gb", "current_gb"}`` of this rank's device (see
+        :func:`gad_ray.learner.offload.memory_stats`); ``reset`` restarts the peak."""
+        return memory_stats(self.device, reset)
+
     # -- micro-batch loops ---------------------------------------------------------------
     def micro_batches(
         self, batch: TokenBatch, plan: list[list[int]]
     ) -> list[tuple[list[int], list[int], TokenBatch]]:
         """(indices, rows, micro-batch on this device) per micro-batch of ``plan``; an empty one
-        (``indices == []``) gets row 0 as a dummy (``rows == [0]``)."""
+        (``indices == []``) gets row 0 as a dummy (``rows == [0]``). Every forward and training
+        pass starts here, so an offloaded learner onloads here (and stays onloaded)."""
+        self.onload()
         out = []
         for idx in plan:
             rows = idx or [0]
@@ -97,7 +141,8 @@ class LearnerWorker:
         self, batch: TokenBatch, plan: list[list[int]], loss_fn: LossFn
     ) -> dict[str, float]:
         """One optimizer step over the global batch: grads accumulated over this rank's
-        micro-batches, reduced by the engine; metric sums all-reduced over ranks."""
+        micro-batches, reduced by the engine; metric sums all-reduced over ranks. Gradients are
+        freed (``set_to_none``) by the engine's step."""
         start = time.perf_counter()
         self.engine.module.train()
         sums: dict[str, float] = {}
@@ -151,7 +196,8 @@ class LearnerWorker:
 
     def full_params(self) -> dict[str, torch.Tensor]:
         """Every full fp32 master parameter on rank 0 (empty dict elsewhere)."""
-        return self.engine.full_state_dict()
+        with self.onloaded():
+            return self.engine.full_state_dict()
 
     # -- checkpoints -----------------------------------------------------------------------
     def frozen_models(self) -> dict[str, torch.nn.Module]:
@@ -159,10 +205,12 @@ class LearnerWorker:
         return {}
 
     def save_checkpoint(self, path: str) -> None:
-        self.engine.save(path, self.frozen_models())
+        with self.onloaded():
+            self.engine.save(path, self.frozen_models())
         checkpoint.save_rank_state(path, self.rank, {"step": self.step})
         dist.barrier()
 
     def load_checkpoint(self, path: str) -> None:
-        self.engine.load(path, self.frozen_models())
+        with self.onloaded():
+            self.engine.load(path, self.frozen_models())
         self.step = checkpoint.load_rank_state(path, self.rank)["step"]
