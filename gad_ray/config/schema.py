@@ -277,6 +277,7 @@ class TrainerConfig(_Strict):
     # sync: generate with the latest weights, then train; one_step_off: generate step t+1's
     # samples (with the weights after step t-1) while the learners train on step t
     pipeline: Literal["sync", "one_step_off"] = "sync"
+    log_memory: bool = True  # mem/<role>/<phase>_peak_gb every step (GPU tensors, or CPU RSS)
 
 
 class EvalSetSpec(_Strict):

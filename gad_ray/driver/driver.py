@@ -157,6 +157,8 @@ class Driver:
         for name in self.roles.ensure(stage.roles):
             if self.roles.is_rollout(name):
                 self.versions[name] = 0
+            elif self.cfg.learner.offload_idle:
+                self.roles[name].offload()  # on GPU only when its phase comes
 
     def run_step(self, stage: Stage, step: int) -> dict[str, Any]:
         self.times = {}
@@ -168,7 +170,7 @@ class Driver:
             self.sample(stage.sampling, x)
         metrics = stage.step(self, x)
         elapsed = time.perf_counter() - t0
-        metrics |= {f"time/{k}": v for k, v in self.times.items()}
+        metrics |= {k if k.startswith("mem/") else f"time/{k}": v for k, v in self.times.items()}
         metrics |= {"stage": stage.name, "s_per_step": elapsed}
         metrics["epoch"] = step / self.data.steps_per_epoch
         if x.samples is not None:
@@ -192,10 +194,21 @@ class Driver:
             results = {r: timed(fn, self.roles[r]) for r, fn in calls.items()}
         out: dict[str, Any] = {}
         for role, (metrics, seconds) in results.items():
-            self.times[f"{PREFIXES[role]}_update"] = seconds
+            phase = f"{PREFIXES[role]}_update"
+            self.times[phase] = seconds
             self.versions[role] = self.versions.get(role, 0) + 1
             out |= prefix(PREFIXES[role] + "_", metrics)
+            self.note_memory(role, phase)
+            if self.cfg.learner.offload_idle:  # colocated: wait on CPU while other roles run
+                self.roles[role].offload()
         return out
+
+    def note_memory(self, role: str, phase: str) -> None:
+        """Log ``role``'s peak memory in ``phase`` (since the last note) as
+        ``mem/<role>/<phase>_peak_gb``: GPU tensors on GPU, the process RSS on CPU."""
+        if self.cfg.trainer.log_memory:
+            peak = self.roles[role].memory_stats(reset=True)["peak_gb"]
+            self.times[f"mem/{role}/{phase}_peak_gb"] = peak
 
     # ---------------------------------------------------------------------------------------
     # sampling, weight sync, eval
@@ -210,7 +223,9 @@ class Driver:
             future, version = self.launch(s, x.examples, x.step)
         self.pending = None
         with self.timer("wait_rollout"):
-            samples, self.times["generate"] = future.result()
+            samples, self.times["generate"], peak = future.result()
+        if peak is not None:
+            self.times[f"mem/{s.rollout}/generate_peak_gb"] = peak
         nxt = x.step + 1  # launched even past a stop_at: the checkpoint keeps it, as it must
         if (
             self.cfg.trainer.pipeline == "one_step_off"
@@ -232,7 +247,7 @@ class Driver:
         sleep), then start generating ``examples``' samples on the rollout's own thread."""
         rollout = self.roles[s.rollout]
         self.wake_and_sync(s.rollout, s.policy)
-        sleep = self.cfg.rollout.sleep_when_idle
+        sleep, log_memory = self.cfg.rollout.sleep_when_idle, self.cfg.trainer.log_memory
 
         def job() -> tuple[list[Sample], float]:
             t0 = time.perf_counter()
@@ -245,10 +260,11 @@ class Driver:
                 seed=self.cfg.seed * 100_003 + step,
             )
             seconds = time.perf_counter() - t0
+            peak = rollout.memory_stats(reset=True)["peak_gb"] if log_memory else None
             if sleep:
                 rollout.sleep()
                 self.roles.asleep.add(s.rollout)
-            return out, seconds
+            return out, seconds, peak
 
         return rollout.submit(job), self.versions.get(s.policy, 0)
 
@@ -259,7 +275,7 @@ class Driver:
         if asleep:
             rollout.wake_up(["weights"])
         if self.versions.get(rollout_role, -1) != self.versions.get(policy, 0):
-            with self.timer("weight_sync"):
+            with self.timer("weight_sync", role=policy):
                 self.roles[policy].sync_weights(rollout.workers)
             self.versions[rollout_role] = self.versions.get(policy, 0)
         if asleep:
@@ -281,10 +297,13 @@ class Driver:
         return make_batch(prompts, responses, self.tokenizer.pad_token_id)
 
     @contextmanager
-    def timer(self, phase: str):
+    def timer(self, phase: str, role: str | None = None):
+        """Time ``phase`` (``time/<phase>``); with ``role``, also note its peak memory."""
         t0 = time.perf_counter()
         yield
         self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+        if role is not None:
+            self.note_memory(role, phase)
 
     # ---------------------------------------------------------------------------------------
     # checkpoints, resume, failures
@@ -296,9 +315,10 @@ class Driver:
             self.roles[name].save_checkpoint(str(ckpt / name))
         if self.pending is not None:  # the in-flight samples of the next step travel along
             nxt, future, version = self.pending
-            samples, seconds = future.result()
+            samples, seconds, peak = future.result()
             stale = self.versions.get(self.current.sampling.policy, 0) - version
             saved = {"step": nxt, "samples": samples, "seconds": seconds, "staleness": stale}
+            saved["peak"] = peak
             torch.save(saved, ckpt / PENDING_FILE)
         state = {
             "step": step,
@@ -329,7 +349,7 @@ class Driver:
         if pending.is_file():
             saved = torch.load(pending, weights_only=False)
             future: Future = Future()
-            future.set_result((saved["samples"], saved["seconds"]))
+            future.set_result((saved["samples"], saved["seconds"], saved["peak"]))
             policy = self.current.sampling.policy
             self.pending = (saved["step"], future, self.versions[policy] - saved["staleness"])
         self.resume_ckpt = None

@@ -191,7 +191,7 @@ class LearnerGroup(AsyncCalls):
 
     def memory_stats(self, reset: bool = False) -> dict[str, float]:
         """``{"peak_gb", "current_gb"}``, each the max over ranks: the device's tensors on GPU,
-        the process RSS on CPU (``gad_ray.learner.offload.memory_stats``); the peak is since the
+        the process RSS on CPU (``gad_ray.memory.memory_stats``); the peak is since the
         last ``reset=True`` call. The driver logs it as ``mem/<role>/<phase>_peak_gb``."""
         stats = self.run_all("memory_stats", reset)
         return {k: max(s[k] for s in stats) for k in stats[0]}

@@ -28,7 +28,7 @@ from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch
 from gad_ray.learner import checkpoint
 from gad_ray.learner.engine import Engine
-from gad_ray.learner.offload import memory_stats
+from gad_ray.memory import memory_stats
 
 # (global rows of the micro-batch, micro-batch) -> (loss already divided by the global
 # denominators, additive metric sums)
@@ -107,7 +107,7 @@ class LearnerWorker:
 
     def memory_stats(self, reset: bool = False) -> dict[str, float]:
         """``{"peak_gb", "current_gb"}`` of this rank's device (see
-        :func:`gad_ray.learner.offload.memory_stats`); ``reset`` restarts the peak."""
+        :func:`gad_ray.memory.memory_stats`); ``reset`` restarts the peak."""
         return memory_stats(self.device, reset)
 
     # -- micro-batch loops ---------------------------------------------------------------

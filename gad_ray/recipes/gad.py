@@ -143,7 +143,7 @@ def frozen_d_gad_step(d: Any, x: StepInput) -> dict[str, Any]:
 
 def score_and_advantages(d: Any, x: StepInput) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """``r = D(x, y_s)`` [B], the GRPO advantages ``A`` [B] and their metrics."""
-    with d.timer("score"):
+    with d.timer("score", role="discriminator"):
         rewards = d.roles["discriminator"].score(x.student)
     advantages = grpo_advantages(rewards, x.pairs, d.cfg.algorithm.grpo.norm_adv_by_std)
     return rewards, advantages, sample_stats(x.samples, x.teacher) | reward_stats(rewards, advantages)

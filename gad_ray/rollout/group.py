@@ -74,6 +74,11 @@ class RolloutGroup(AsyncCalls):
     def wake_up(self, tags: list[str] | None = None) -> list[dict]:
         return ray.get([w.wake_up.remote(tags) for w in self.workers])
 
+    def memory_stats(self, reset: bool = False) -> dict[str, float]:
+        """``{"peak_gb", "current_gb"}``, each the max over workers (:mod:`gad_ray.memory`)."""
+        stats = ray.get([w.memory_stats.remote(reset) for w in self.workers])
+        return {k: max(s[k] for s in stats) for k in stats[0]}
+
     def shutdown(self) -> None:
         self.close_calls()
         for w in self.workers:

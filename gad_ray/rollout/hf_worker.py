@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from gad_ray.config.schema import RolloutConfig
+from gad_ray.memory import memory_stats
 from gad_ray.models.loading import load_causal_lm
 from gad_ray.rollout.types import Sample, check_request, sample_seed
 from gad_ray.rollout.vllm_worker import resolve_dtype
@@ -139,6 +140,10 @@ class HFRolloutWorker:
 
     def wake_up(self, tags: list[str] | None = None) -> dict:
         return {"supported": False, "reason": "the HF rollout backend has no sleep mode"}
+
+    def memory_stats(self, reset: bool = False) -> dict[str, float]:
+        """This worker's memory (:func:`gad_ray.memory.memory_stats`), peak since the last reset."""
+        return memory_stats(self.device, reset)
 
     def health(self) -> dict:
         return {

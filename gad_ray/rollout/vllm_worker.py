@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from gad_ray.config.schema import RolloutConfig
+from gad_ray.memory import memory_stats
 from gad_ray.models.loading import VLLM_CPU_ENV, VLLM_CPU_LLM_KWARGS, model_max_context
 from gad_ray.rollout.types import Sample, check_request, sample_seed
 from gad_ray.rollout.weight_sync import Meta
@@ -220,6 +221,10 @@ class RolloutWorker:
         self.llm.wake_up(tags=tags)
         self.sleeping = [t for t in self.sleeping if t not in tags]
         return {"supported": True, "awake": tags}
+
+    def memory_stats(self, reset: bool = False) -> dict[str, float]:
+        """This worker's memory (:func:`gad_ray.memory.memory_stats`), peak since the last reset."""
+        return memory_stats(torch.device("cuda" if self.on_gpu else "cpu"), reset)
 
     def health(self) -> dict:
         return {

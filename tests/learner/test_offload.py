@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM
 from gad_ray.config.schema import ConfigError
 from gad_ray.discriminator import DiscriminatorGroup
 from gad_ray.learner import FSDP2Engine, GeneratorGroup
-from gad_ray.learner.offload import CPU, memory_stats, move_module, move_optimizer_state
+from gad_ray.learner.offload import CPU, move_module, move_optimizer_state
+from gad_ray.memory import memory_stats
 from tests.learner.conftest import make_cfg, make_token_batch
 
 # the in-worker probes below live in this test module: ship them to the actors by value
