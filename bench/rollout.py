@@ -2,8 +2,8 @@
 
 - generation: tokens/s of a RolloutGroup (Ray actors) vs calling vLLM directly in this process
   on the same prompts and sampling settings (ratio = group / direct);
-- weight sync: GB/s of `send_weights` (object store, and gloo/NCCL broadcast) vs a plain memcpy
-  of the same bytes (ratio = sync / memcpy).
+- weight sync: GB/s of `send_weights` (object store, ipc: shared memory on CPU / CUDA IPC on GPU,
+  and gloo/NCCL broadcast) vs a plain memcpy of the same bytes (ratio = sync / memcpy).
 
 Run: `python bench/rollout.py [--prompts 32 --n 4 --max-tokens 32 --workers 1 2]` (~2-3 min on CPU).
 """
@@ -148,7 +148,7 @@ def main() -> None:
                 f"{best_group / best_direct:.2f}",
             )
         )
-        for method in ("object_store", "nccl" if on_gpu else "gloo"):
+        for method in ("object_store", "ipc", "nccl" if on_gpu else "gloo"):
             bucket = args.bucket_mb * 2**20
 
             def sync(workers=group.workers, bucket=bucket, method=method):
