@@ -58,16 +58,16 @@ def resolve_sync_method(
     ``auto``: on GPU, ``ipc`` when colocated and every rollout worker shares its GPU with a
     learner rank (``num_workers <= num_senders``: rank i and worker i share GPU i), ``nccl``
     when disaggregated (NCCL cannot broadcast between processes sharing a GPU), else
-    ``object_store``; on CPU ``object_store`` (``ipc`` is no faster there: vLLM's reload
-    dominates, see the README's benchmark). An explicit ``ipc`` on GPU needs that colocated
-    layout.
+    ``object_store``; on CPU ``object_store`` (a same-node object store is shared memory
+    already, and ``ipc`` is no faster there: see the README's benchmark). An explicit ``ipc``
+    on GPU needs that colocated layout.
     """
     on_gpu = torch.cuda.is_available()
     ipc_fits = colocated and num_workers <= num_senders
     if method == "auto":
-        if on_gpu:
-            return "ipc" if ipc_fits else "nccl" if not colocated else "object_store"
-        return "object_store"
+        if on_gpu and ipc_fits:
+            return "ipc"
+        return "nccl" if on_gpu and not colocated else "object_store"
     if method not in METHODS:
         raise ValueError(
             f"unknown weight sync method {method!r}; expected auto or one of {METHODS}"
@@ -75,7 +75,7 @@ def resolve_sync_method(
     if method == "ipc" and on_gpu and not ipc_fits:
         raise ValueError(
             "rollout.weight_sync=ipc hands CUDA memory to a rollout worker on the same GPU: it "
-            "needs cluster.placement=colocated and rollout.num_workers <= learner ranks, got "
+            "needs cluster.placement=colocated and rollout.num_workers <= the learner's ranks, got "
             f"placement {'colocated' if colocated else 'disaggregated'}, {num_workers} "
             f"workers, {num_senders} ranks"
         )
