@@ -183,8 +183,13 @@ def share_bucket(
 
 def open_bucket(handle: IpcHandle, device: torch.device | str) -> torch.Tensor:
     """Receiver side of ``ipc``: the sender's bucket as a tensor aliasing its memory (no copy),
-    for a receiver whose weights live on ``device``."""
+    for a receiver whose weights live on ``device``. A CUDA handle opens at the sender's device
+    index, which is the receiver's too when both see only their GPU (Ray sets
+    CUDA_VISIBLE_DEVICES per actor: cuda:0 on both sides); anything else is an error here."""
     place, data = handle
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda": the current device
+        device = torch.device("cuda", torch.cuda.current_device())
     here = device_place(device)
     if place != here:
         raise RuntimeError(
@@ -192,7 +197,7 @@ def open_bucket(handle: IpcHandle, device: torch.device | str) -> torch.Tensor:
             f"on {here}; ipc needs both on one node (CPU) or one GPU (colocated placement)"
         )
     flat = pickle.loads(data)
-    if flat.device != torch.device(device):  # opened at the sender's CUDA index: not ours
+    if flat.device != device:
         raise RuntimeError(f"ipc weight sync: the bucket opened on {flat.device}, not {device}")
     return flat
 
