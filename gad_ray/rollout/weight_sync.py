@@ -271,8 +271,8 @@ def send_weights(
     Workers reload the weights and reset their prefix cache before this returns; a worker that
     fails raises :class:`WeightSyncError` naming it by ``worker_ids`` (its index in the rollout
     group; default: its position in ``workers``). ``method``: ``object_store``, ``ipc``
-    (workers on this node, or on this GPU when the tensors are on CUDA), ``nccl`` (GPU) or
-    ``gloo`` (CPU, same code as nccl); ``auto`` as :func:`resolve_sync_method` by default.
+    (workers on this node; with CUDA, on this process's GPU), ``nccl`` (GPU) or ``gloo`` (CPU,
+    same code as nccl); ``auto`` as :func:`resolve_sync_method` by default.
     """
     if method not in METHODS:
         method = resolve_sync_method(method)
@@ -291,12 +291,14 @@ def send_weights(
             ref = ray.put(flat.numpy())
             refs = [w.receive_bucket.remote(metas, ref) for w in workers]
         elif method == "ipc":
-            metas, keep, handles = share_bucket(tensors, device, len(workers))
+            metas, flat, handles = share_bucket(tensors, device, len(workers))
             refs = [w.receive_ipc.remote(metas, h) for w, h in zip(workers, handles, strict=True)]
+            keep = flat
         else:
             metas, flat = pack_bucket(tensors, device)
             refs = [w.receive_broadcast.remote(metas) for w in workers]
             broadcast(group, flat)
+        del flat
         pending.append((refs, n_buckets, keep))
         total += sum(t.numel() * t.element_size() for _, t in tensors)
         n_buckets += 1
@@ -305,7 +307,7 @@ def send_weights(
             _wait(refs, ids, f"bucket {k} ({method})")
     for refs, k, _ in pending:
         _wait(refs, ids, f"bucket {k} ({method})")
-    pending.clear()
+    pending.clear()  # the sender's last buckets go; vLLM may hold views into them until finish
     _wait([w.finish_weight_update.remote() for w in workers], ids, "finish_weight_update")
     if method == "ipc" and torch.cuda.is_available():
         torch.cuda.ipc_collect()  # free the sent blocks the receivers have released
