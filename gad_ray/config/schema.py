@@ -180,7 +180,7 @@ class RolloutConfig(_Strict):
     max_num_seqs: int = Field(256, ge=1)
     cpus_per_worker: float | None = Field(None, gt=0)  # None: GPU 1; CPU a share of the cores
     enforce_eager: bool = False
-    weight_sync: Literal["auto", "object_store", "nccl", "gloo"] = "auto"
+    weight_sync: Literal["auto", "object_store", "ipc", "nccl", "gloo"] = "auto"
     bucket_bytes: int = Field(256 * 2**20, gt=0)
     sleep_when_idle: bool = False  # colocated placement: vLLM sleeps while learners train
 

@@ -222,23 +222,26 @@ class GeneratorWorker(LearnerWorker):
 
     # -- export ---------------------------------------------------------------------------
     def sync_weights(self, rollout_workers: list[Any]) -> dict[str, float]:
-        """All ranks gather full parameters in lockstep; rank 0 streams them to the workers in
-        the compute dtype."""
+        """All ranks gather full parameters in lockstep and stream them in the compute dtype:
+        rank 0 to every worker, or under ``ipc`` each rank to the workers on its own GPU (worker
+        w from rank w % ranks; colocated, rank i and worker i share GPU i)."""
         with self.onloaded():
             return self._send_weights(rollout_workers)
 
     def _send_weights(self, rollout_workers: list[Any]) -> dict[str, float]:
-        rcfg = self.cfg.rollout
+        from gad_ray.rollout.weight_sync import receivers, resolve_sync_method, send_weights
+
+        rcfg, n = self.cfg.rollout, len(rollout_workers)
+        colocated = self.cfg.cluster.placement == "colocated"
+        method = resolve_sync_method(rcfg.weight_sync, colocated, n, self.world_size)
+        ids = receivers(method, self.rank, self.world_size, n)
         named = self.engine.named_full_params(self.engine.dtype)
-        if self.rank != 0:
+        if not ids:
             for _ in named:
                 pass
             return {}
-        from gad_ray.rollout.weight_sync import resolve_sync_method, send_weights
-
-        colocated = self.cfg.cluster.placement == "colocated"
-        method = resolve_sync_method(rcfg.weight_sync, colocated)
-        return send_weights(named, rollout_workers, rcfg.bucket_bytes, method)
+        workers = [rollout_workers[i] for i in ids]
+        return send_weights(named, workers, rcfg.bucket_bytes, method, ids)
 
     def save_pretrained(self, path: str) -> None:
         """HF export in the compute dtype (``model.student.dtype``), written by rank 0."""

@@ -17,10 +17,12 @@ from gad_ray.models.loading import load_causal_lm
 from gad_ray.rollout.types import Sample, check_request, sample_seed
 from gad_ray.rollout.vllm_worker import resolve_dtype
 from gad_ray.rollout.weight_sync import (
+    IpcHandle,
     Meta,
     broadcast,
     bucket_nbytes,
     join_weight_group,
+    open_bucket,
     unpack_bucket,
 )
 
@@ -131,6 +133,9 @@ class HFRolloutWorker:
         flat = torch.empty(bucket_nbytes(metas), dtype=torch.uint8, device=self.device)
         broadcast(self.group, flat)
         self._load(metas, flat)
+
+    def receive_ipc(self, metas: list[Meta], handle: IpcHandle) -> None:
+        self._load(metas, open_bucket(handle, self.device))
 
     def finish_weight_update(self) -> None:
         pass  # no cache survives between generate calls

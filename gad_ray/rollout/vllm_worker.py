@@ -18,7 +18,7 @@ from gad_ray.config.schema import RolloutConfig
 from gad_ray.memory import memory_stats
 from gad_ray.models.loading import VLLM_CPU_ENV, VLLM_CPU_LLM_KWARGS, model_max_context
 from gad_ray.rollout.types import Sample, check_request, sample_seed
-from gad_ray.rollout.weight_sync import Meta
+from gad_ray.rollout.weight_sync import IpcHandle, Meta
 
 EXTENSION = "gad_ray.rollout.weight_sync.WeightSyncExtension"
 
@@ -194,6 +194,15 @@ class RolloutWorker:
 
     def receive_broadcast(self, metas: list[Meta]) -> None:
         self.llm.collective_rpc("gad_recv_broadcast", args=(metas,))
+
+    def receive_ipc(self, metas: list[Meta], handle: IpcHandle) -> None:
+        """Load a bucket the sender shares (``ipc``), opened inside the vLLM worker process,
+        which owns the weights' device; one process only (tensor_parallel_size=1)."""
+        if self.tp_size != 1:
+            raise ValueError(
+                f"ipc weight sync needs tensor_parallel_size=1 (colocated), got {self.tp_size}"
+            )
+        self.llm.collective_rpc("gad_load_ipc", args=(metas, handle))
 
     def finish_weight_update(self) -> None:
         """Process the loaded weights and drop every cached prefix of the old model."""

@@ -129,6 +129,28 @@ def test_eos_gives_stop_after_broadcast_sync(worker, tiny_model_dir):
     assert [s.token_ids for s in gen(worker)] == [hf_greedy(original, p, 8) for p in PROMPTS]
 
 
+def test_ipc_sync_in_small_buckets_equals_object_store_sync(worker, tiny_model_dir):
+    """ipc in 16 KiB buckets splits layers across buckets; vLLM keeps views into a layer's
+    earlier buckets until the layer is complete, so a sender that reused a bucket's memory
+    after its ack would corrupt them. The samples and log-probs must equal those of the same
+    weights sent through the object store, and greedy decoding HF's."""
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    perturbed(model, seed=5)
+    state = model.state_dict()
+    send_weights(state.items(), [worker], 2**20, "object_store")
+    want = gen(worker, n=2, temperature=1.0, max_tokens=8, seed=4)
+    original = load_causal_lm(str(tiny_model_dir)).state_dict()
+    send_weights(original.items(), [worker], 2**20, "object_store")
+    before = gen(worker, n=2, temperature=1.0, max_tokens=8, seed=4)
+    assert [s.token_ids for s in before] != [s.token_ids for s in want]  # the original again
+    stats = send_weights(state.items(), [worker], 16 * 1024, "ipc")
+    assert stats["buckets"] > len(state) // 2
+    got = gen(worker, n=2, temperature=1.0, max_tokens=8, seed=4)
+    assert [(s.token_ids, s.logprobs) for s in got] == [(s.token_ids, s.logprobs) for s in want]
+    assert [s.token_ids for s in gen(worker)] == [hf_greedy(model, p, 8) for p in PROMPTS]
+    send_weights(original.items(), [worker], 2**20, "ipc")
+
+
 def test_sleep_is_a_reported_noop_on_cpu(worker):
     reply = ray.get(worker.sleep.remote(1))
     assert reply == {"supported": False, "reason": "vLLM sleep mode is not available on cpu"}
