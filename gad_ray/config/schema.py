@@ -438,8 +438,19 @@ def _combination_problems(cfg: Config):
     if cfg.cluster.placement == "colocated" and cfg.rollout.weight_sync == "nccl":
         yield (
             "rollout.weight_sync=nccl with cluster.placement=colocated: NCCL cannot broadcast "
-            "between processes on the same GPU (use object_store or auto)"
+            "between processes on the same GPU (use ipc, object_store or auto)"
         )
+    if cfg.rollout.weight_sync == "ipc" and cfg.cluster.gpus_per_node > 0:
+        ranks, workers = cfg.learner.generator_ranks, cfg.rollout.num_workers
+        if cfg.cluster.placement != "colocated" or workers > ranks:
+            yield (
+                f"rollout.weight_sync=ipc hands each rollout worker the weights on its own GPU: "
+                f"it needs cluster.placement=colocated (got {cfg.cluster.placement}) and "
+                f"rollout.num_workers <= learner.generator_ranks (got {workers} > {ranks})"
+                if workers > ranks
+                else f"rollout.weight_sync=ipc needs cluster.placement=colocated (got "
+                f"{cfg.cluster.placement}): the rollout workers and G's ranks share GPUs"
+            )
 
 
 def _format_error(err: ValidationError) -> str:

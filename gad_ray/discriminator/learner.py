@@ -100,7 +100,7 @@ class DiscriminatorGroup(LearnerGroup):
         cfg: Config,
         model_path: str | None = None,
         total_steps: int | None = None,
-        cpus_per_rank: int = 1,
+        cpus_per_rank: float = 1,
         placement: RolePlacement | None = None,
     ) -> None:
         """``model_path`` defaults to ``model.discriminator.path`` (``student``: the student's

@@ -121,9 +121,10 @@ class Driver:
                     ):
                         self.save(step)
             if step < self.total_steps:
+                why = "Interrupted" if self.stop_requested else f"Stopped at step {step}"
                 print(
-                    f"\nStopped at step {step} of {self.total_steps}: saved a checkpoint; "
-                    f"rerun with trainer.resume=auto to continue."
+                    f"\n{why}: saved a checkpoint at step {step} of {self.total_steps}; rerun "
+                    "with trainer.resume=auto to continue."
                 )
             else:
                 self.log_eval(logger, "final", step)

@@ -14,10 +14,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from gad_ray.config.schema import Config
+from gad_ray.config.schema import Config, ConfigError
 from gad_ray.driver.setup import cpus_per_actor
 from gad_ray.models.loading import resolve_model_path
-from gad_ray.placement import RolePlacement, check_gpus, is_rollout, plan_placement, release
+from gad_ray.placement import (
+    RolePlacement,
+    check_gpus,
+    is_rollout,
+    plan_placement,
+    release,
+    role_size,
+)
 
 
 def preflight(cfg: Config, role_sets: list[tuple[str, ...]]) -> None:
@@ -59,6 +66,7 @@ class Roles:
         if self.shared:
             union = tuple(dict.fromkeys(r for roles in role_sets for r in roles))
             self.places = plan_placement(cfg, union)
+        self.cpu_scale = 1.0 if self.on_gpus else self.fit_cpus()
 
     def __getitem__(self, name: str) -> Any:
         if name not in self.groups:
@@ -92,6 +100,24 @@ class Roles:
             self.groups[name] = self.build(name)
         return new
 
+    def fit_cpus(self) -> float:
+        """CPU-only cluster: the factor (<= 1) that shrinks every actor's CPU share so the roles
+        alive at one time fit the CPUs Ray has free (they take turns on the cores anyway); a
+        shrunk share still runs one thread."""
+        import ray
+
+        need = max(
+            sum(role_size(self.cfg, r)[0] * cpus_per_actor(self.cfg, r, self.role_sets) for r in rs)
+            for rs in self.role_sets
+        )
+        free = ray.available_resources().get("CPU", 0.0)
+        if free <= 0:
+            raise ConfigError(
+                f"the Ray cluster has no free CPU for the roles ({ray.cluster_resources()}); "
+                "start it with more (ray start --num-cpus N) or stop what holds them"
+            )
+        return min(1.0, free / need)
+
     def release_unused(self) -> None:
         """Disaggregated: give back the placement groups none of whose roles is running."""
         by_pg: dict[int, list[str]] = {}
@@ -109,8 +135,7 @@ class Roles:
         from gad_ray.rollout.group import RolloutGroup
 
         cfg, opts, place = self.cfg, dict(self.options.get(name, {})), self.places.get(name)
-        cpus = cpus_per_actor(cfg, name, self.role_sets)
-        threads = int(cpus)
+        cpus = cpus_per_actor(cfg, name, self.role_sets) * self.cpu_scale
         proxy_path = lambda: resolve_model_path(cfg.algorithm.proxy_kd.proxy.path)  # noqa: E731
         if name == "rollout":
             return RolloutGroup(cfg, self.student_path, cpus, place)
@@ -118,13 +143,13 @@ class Roles:
             return RolloutGroup(proxy_view(cfg), proxy_path(), cpus, place)
         if name == "generator":
             return GeneratorGroup(
-                cfg, self.student_path, cpus_per_rank=threads, placement=place, **opts
+                cfg, self.student_path, cpus_per_rank=cpus, placement=place, **opts
             )
         if name == "discriminator":
-            return DiscriminatorGroup(cfg, cpus_per_rank=threads, placement=place, **opts)
+            return DiscriminatorGroup(cfg, cpus_per_rank=cpus, placement=place, **opts)
         if name in ("proxy", "proxy_frozen"):
             path = opts.pop("path", None) or proxy_path()
-            return ProxyGroup(cfg, path, cpus_per_rank=threads, placement=place, **opts)
+            return ProxyGroup(cfg, path, cpus_per_rank=cpus, placement=place, **opts)
         raise ValueError(f"unknown role {name!r}")
 
     def shutdown(self) -> None:

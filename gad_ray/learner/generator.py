@@ -267,7 +267,7 @@ class GeneratorGroup(LearnerGroup):
         model_path: str | None = None,
         total_steps: int | None = None,
         with_reference: bool = True,
-        cpus_per_rank: int = 1,
+        cpus_per_rank: float = 1,
         placement: RolePlacement | None = None,
     ) -> None:
         """``model_path`` defaults to ``cfg.model.student.path``; ``with_reference``: hold a

@@ -26,7 +26,7 @@ class LearnerError(RuntimeError):
     """A learner rank failed; the message names the role and the rank."""
 
 
-def _bundles(num_ranks: int, use_gpu: bool, cpus_per_rank: int) -> list[dict[str, float]]:
+def _bundles(num_ranks: int, use_gpu: bool, cpus_per_rank: float) -> list[dict[str, float]]:
     if use_gpu:
         return [{"GPU": 1, "CPU": cpus_per_rank} for _ in range(num_ranks)]
     return [{"CPU": cpus_per_rank} for _ in range(num_ranks)]
@@ -42,7 +42,7 @@ class LearnerGroup(AsyncCalls):
         cfg: Config,
         num_ranks: int,
         role: str,
-        cpus_per_rank: int = 1,
+        cpus_per_rank: float = 1,
         ready_timeout_s: float = 600.0,
         placement: RolePlacement | None = None,
         **worker_kwargs: Any,
@@ -69,7 +69,7 @@ class LearnerGroup(AsyncCalls):
         remote_cls = ray.remote(max_restarts=0)(worker_cls)
         self.workers = [
             remote_cls.options(**placement.options(rank)).remote(
-                cfg, rank, num_ranks, role, cpus_per_rank, **worker_kwargs
+                cfg, rank, num_ranks, role, max(1, int(cpus_per_rank)), **worker_kwargs
             )
             for rank in range(num_ranks)
         ]

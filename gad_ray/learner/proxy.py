@@ -99,7 +99,7 @@ class ProxyGroup(GeneratorGroup):
         model_path: str | None = None,
         total_steps: int | None = None,
         with_reference: bool = True,
-        cpus_per_rank: int = 1,
+        cpus_per_rank: float = 1,
         placement: RolePlacement | None = None,
     ) -> None:
         """``model_path`` defaults to ``algorithm.proxy_kd.proxy.path``; ``with_reference``
