@@ -224,6 +224,9 @@ class TeacherAPIConfig(_Strict):
     timeout_s: float = Field(120.0, gt=0)
     backoff_base_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(60.0, gt=0)
+    # training waits this long for an unreachable API (only for the prompts it lacks), then
+    # stops with a checkpoint
+    outage_timeout_s: float = Field(1800.0, gt=0)
     cache_path: str = "teacher_cache.sqlite"
     price_per_1k_prompt_tokens: float = Field(0.0, ge=0)
     price_per_1k_completion_tokens: float = Field(0.0, ge=0)
@@ -278,6 +281,9 @@ class TrainerConfig(_Strict):
     # samples (with the weights after step t-1) while the learners train on step t
     pipeline: Literal["sync", "one_step_off"] = "sync"
     log_memory: bool = True  # mem/<role>/<phase>_peak_gb every step (GPU tensors, or CPU RSS)
+    # a failed role (not a rollout worker: those are replaced in place) restarts every role
+    # from the last complete checkpoint, this many times per run before the run stops
+    max_restarts: int = Field(3, ge=0)
 
 
 class EvalSetSpec(_Strict):

@@ -12,6 +12,7 @@ checkpoints and resume, periodic eval, Ctrl-C, failure messages and per-phase ti
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 from concurrent.futures import Future
@@ -31,17 +32,27 @@ from gad_ray.driver.metrics import MetricsLogger, plot_metrics
 from gad_ray.driver.roles import Roles, preflight
 from gad_ray.driver.setup import TeacherData, init_ray, load_eval_set
 from gad_ray.driver.stages import Sampling, Stage, StepInput, prefix
+from gad_ray.learner.group import LearnerError
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
 from gad_ray.plan import check_fits
+from gad_ray.rollout.group import RolloutWorkersLost
 from gad_ray.rollout.types import Sample
+from gad_ray.rollout.weight_sync import WeightSyncError
+from gad_ray.teacher.fetcher import TeacherError
 
 # metric prefix and timer phase of each learner role's update
 PREFIXES = {"generator": "g", "discriminator": "d", "proxy": "proxy"}
 PENDING_FILE = "pending_samples.pt"
+# failures a rebuild of the roles can cure: a dead or failed actor, a broken weight sync
+RESTARTABLE = (ray.exceptions.RayError, LearnerError, WeightSyncError, RolloutWorkersLost)
 
 
 class TrainingAborted(RuntimeError):
     """The run stopped early (a dead actor, a teacher outage); a resumable checkpoint exists."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); nothing partial is left."""
 
 
 class Driver:
@@ -55,7 +66,8 @@ class Driver:
         self.tokenizer = load_tokenizer(cfg.model.student.tokenizer or self.student_path)
         self.data = TeacherData(cfg, self.tokenizer, self.run_dir)
         self.eval_set = load_eval_set(cfg, self.tokenizer)
-        recipe = recipes.build(cfg, self.data.steps_per_epoch, self.run_dir)
+        self.recipe = recipe = recipes.build(cfg, self.data.steps_per_epoch, self.run_dir)
+        self.role_sets = recipe.role_sets()
         self.stages = [s for s in recipe.stages if s.steps > 0]
         self.starts = [sum(s.steps for s in self.stages[:i]) for i in range(len(self.stages))]
         self.total_steps = sum(s.steps for s in self.stages)
@@ -64,13 +76,15 @@ class Driver:
         self.times: dict[str, float] = {}
         self.pending: tuple[int, Future, int] | None = None  # (step, samples future, version)
         self.stop_requested = False
-        self.resume_ckpt = st.find_resume_checkpoint(cfg, self.run_dir)
+        self.events: list[tuple[str, dict]] = []  # logged when the next run starts
+        self.start_data, self.start_rng = self.data.state_dict(), st.rng_state()
+        self.resume_ckpt = self.initial_ckpt = st.find_resume_checkpoint(cfg, self.run_dir)
         self.step = st.read_trainer_state(self.resume_ckpt)["step"] if self.resume_ckpt else 0
-        preflight(cfg, recipe.role_sets())
-        init_ray(cfg, recipe.role_sets())
+        preflight(cfg, self.role_sets)
+        init_ray(cfg, self.role_sets)
         try:
             self.data.start()
-            self.roles = Roles(cfg, self.student_path, recipe.roles, recipe.role_sets())
+            self.roles = Roles(cfg, self.student_path, recipe.roles, self.role_sets)
             self.current = self.stage_at(self.step)
             self.ensure_roles(self.current)
         except BaseException:
@@ -84,55 +98,97 @@ class Driver:
     # the stage loop
 
     def fit(self, stop_at: int | None = None) -> Path:
-        """Run (or resume) the stages to the end, or to ``stop_at``; return the run dir."""
+        """Run (or resume) the stages to the end, or to ``stop_at``; return the run dir.
+
+        Failures heal: a rollout worker that dies is replaced within the step (its share of
+        the samples is generated again); any other failure of a role tears every role down and
+        restarts them from the last complete checkpoint, up to ``trainer.max_restarts`` times;
+        a teacher outage makes the step wait (``teacher.api.outage_timeout_s``). Past those,
+        :class:`TrainingAborted` names the cause and the checkpoint to resume from.
+        """
+        restarts = 0
+        with self.stop_on_sigint():
+            while True:
+                try:
+                    return self.run(stop_at)
+                except TeacherError as err:
+                    raise self.aborted(self.step, err) from err
+                except RESTARTABLE as err:
+                    if restarts >= self.cfg.trainer.max_restarts or self.stop_requested:
+                        raise self.aborted(self.step, err) from err
+                    restarts += 1
+                    self.restart(err, restarts)
+                except RuntimeError as err:
+                    raise self.aborted(self.step, err) from err
+
+    def run(self, stop_at: int | None) -> Path:
+        """The stage loop, from the resume point (``self.step``)."""
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         step = self.step
-        try:
-            self.resume()
-            logger = MetricsLogger(
-                self.cfg.trainer,
-                self.run_dir,
-                self.total_steps,
-                step,
-                self.cfg.model_dump(mode="json"),
+        self.resume()
+        logger = self.logger = MetricsLogger(
+            self.cfg.trainer, self.run_dir, self.total_steps, step, self.cfg.model_dump(mode="json")
+        )
+        self.data.on_wait = logger.status
+        for event, values in self.events:
+            logger.log_event(step, event, values)
+        self.events = []
+        if step == 0:
+            self.enter(self.current, logger, step)
+        elif step in self.starts and self.current.eval_label:  # dropped with the resumed
+            self.log_eval(logger, self.current.eval_label, step)  # steps' records
+        while step < end and not self.stop_requested:
+            every = self.cfg.trainer.eval_every
+            if every and step % every == 0 and step > 0 and step not in self.starts:
+                self.log_eval(logger, "periodic", step)
+            logger.log(step, self.run_step(self.current, step))
+            step = self.step = step + 1
+            boundary = step < self.total_steps and self.stage_at(step) is not self.current
+            new_ckpt_roles = boundary and (
+                self.stage_at(step).checkpoint != self.current.checkpoint
             )
-            if step == 0:
-                self.enter(self.current, logger, step)
-            elif step in self.starts and self.current.eval_label:  # dropped with the resumed
-                self.log_eval(logger, self.current.eval_label, step)  # steps' records
-            with self.stop_on_sigint():
-                while step < end and not self.stop_requested:
-                    every = self.cfg.trainer.eval_every
-                    if every and step % every == 0 and step > 0 and step not in self.starts:
-                        self.log_eval(logger, "periodic", step)
-                    logger.log(step, self.run_step(self.current, step))
-                    step = self.step = step + 1
-                    boundary = step < self.total_steps and self.stage_at(step) is not self.current
-                    new_ckpt_roles = boundary and (
-                        self.stage_at(step).checkpoint != self.current.checkpoint
-                    )
-                    if boundary:
-                        self.switch(self.stage_at(step), logger, step)
-                    if (
-                        self.stop_requested
-                        or step % self.cfg.trainer.save_every == 0
-                        or new_ckpt_roles
-                        or step == end < self.total_steps
-                    ):
-                        self.save(step)
-            if step < self.total_steps:
-                why = "Interrupted" if self.stop_requested else f"Stopped at step {step}"
-                print(
-                    f"\n{why}: saved a checkpoint at step {step} of {self.total_steps}; rerun "
-                    "with trainer.resume=auto to continue."
-                )
-            else:
-                self.log_eval(logger, "final", step)
-                self.finish()
-            logger.close()
-        except (ray.exceptions.RayError, RuntimeError) as err:
-            raise self.aborted(step, err) from err
+            if boundary:
+                self.switch(self.stage_at(step), logger, step)
+            if (
+                self.stop_requested
+                or step % self.cfg.trainer.save_every == 0
+                or new_ckpt_roles
+                or step == end < self.total_steps
+            ):
+                self.save(step)
+        if step < self.total_steps:
+            why = "Interrupted" if self.stop_requested else f"Stopped at step {step}"
+            print(
+                f"\n{why}: saved a checkpoint at step {step} of {self.total_steps}; rerun "
+                "with trainer.resume=auto to continue."
+            )
+        else:
+            self.log_eval(logger, "final", step)
+            self.finish()
+        logger.close()
         return self.run_dir
+
+    def restart(self, err: BaseException, n: int) -> None:
+        """Tear every role down and build them again at the last complete checkpoint (or the
+        start): the steps since are replayed from the saved state and RNG."""
+        done = st.complete_checkpoints(self.run_dir)
+        ckpt = done[-1] if done else self.initial_ckpt
+        self.logger.close()
+        print(
+            f"\n{type(err).__name__}: {err}\nrestart {n} of {self.cfg.trainer.max_restarts}: "
+            f"rebuilding every role from {ckpt or 'the start'}"
+        )
+        self.roles.shutdown()
+        self.pending, self.versions, self.state = None, {}, {}
+        self.resume_ckpt = ckpt
+        self.step = st.read_trainer_state(ckpt)["step"] if ckpt is not None else 0
+        if ckpt is None:  # from the start: the first batch and the first RNG state
+            self.data.load_state_dict(self.start_data)
+            st.set_rng_state(self.start_rng)
+        self.events.append(("restart", {"restart": n, "error": f"{type(err).__name__}: {err}"}))
+        self.roles = Roles(self.cfg, self.student_path, self.recipe.roles, self.role_sets)
+        self.current = self.stage_at(self.step)
+        self.ensure_roles(self.current)
 
     def stage_at(self, step: int) -> Stage:
         i = max(i for i, start in enumerate(self.starts) if start <= step) if step else 0
@@ -164,7 +220,8 @@ class Driver:
     def run_step(self, stage: Stage, step: int) -> dict[str, Any]:
         self.times = {}
         t0 = time.perf_counter()
-        examples = self.data.batch_for_step(step)
+        with self.timer("teacher"):  # > 0 only while the teacher API is slower (or down)
+            examples = self.data.batch_for_step(step)
         teacher = self.batch([e.prompt_ids for e in examples], [e.response_ids for e in examples])
         x = StepInput(step, step - self.starts[self.stages.index(stage)], examples, teacher)
         if stage.sampling is not None:
@@ -224,7 +281,10 @@ class Driver:
             future, version = self.launch(s, x.examples, x.step)
         self.pending = None
         with self.timer("wait_rollout"):
-            samples, self.times["generate"], peak = future.result()
+            try:
+                samples, self.times["generate"], peak = future.result()
+            except RolloutWorkersLost as lost:
+                samples, peak = self.regenerate(s, x, lost), None
         if peak is not None:
             self.times[f"mem/{s.rollout}/generate_peak_gb"] = peak
         nxt = x.step + 1  # launched even past a stop_at: the checkpoint keeps it, as it must
@@ -242,6 +302,26 @@ class Driver:
         x.student = self.batch(prompts, [smp.token_ids for smp in samples])
         if x.staleness > 0:
             x.old_logprobs = sample_logprobs(x.student, samples)
+
+    def regenerate(self, s: Sampling, x: StepInput, lost: RolloutWorkersLost) -> list[Sample]:
+        """Replaced rollout workers get the policy's current weights and generate the lost
+        share of ``x``'s samples again (same seeds); the others' samples are kept."""
+        self.logger.log_event(x.step, "rollout_workers_replaced", {"workers": lost.workers})
+        self.versions[s.rollout] = -1  # the new workers hold the initial weights
+        self.wake_and_sync(s.rollout, s.policy)
+        try:
+            redo = self.roles[s.rollout].generate(
+                [x.examples[i].prompt_ids for i in lost.missing],
+                s.n,
+                s.temperature,
+                s.top_p,
+                self.cfg.data.max_response_length,
+                seed=self.cfg.seed * 100_003 + x.step,
+                indices=lost.missing,
+            )
+        except RolloutWorkersLost as again:
+            redo = again.samples + self.regenerate(s, x, again)
+        return sorted(lost.samples + redo, key=lambda smp: smp.prompt_index)
 
     def launch(self, s: Sampling, examples: list[TokenizedExample], step: int) -> tuple[Future, int]:
         """Push the policy's new weights to the rollout workers (waking them first when they
@@ -277,7 +357,12 @@ class Driver:
             rollout.wake_up(["weights"])
         if self.versions.get(rollout_role, -1) != self.versions.get(policy, 0):
             with self.timer("weight_sync", role=policy):
-                self.roles[policy].sync_weights(rollout.workers)
+                try:
+                    self.roles[policy].sync_weights(rollout.workers)
+                except RESTARTABLE:  # a dead rollout worker: replace it and sync again
+                    if not rollout.replace_dead():
+                        raise
+                    self.roles[policy].sync_weights(rollout.workers)
             self.versions[rollout_role] = self.versions.get(policy, 0)
         if asleep:
             rollout.wake_up(["kv_cache"])
@@ -290,7 +375,13 @@ class Driver:
         if self.pending is not None:
             self.pending[1].result()  # the rollout finishes the next step's samples first
         self.wake_and_sync("rollout", "generator")
-        scores = self.eval_set.evaluate(self.roles["rollout"], self.cfg.data.max_response_length)
+        rollout, max_tokens = self.roles["rollout"], self.cfg.data.max_response_length
+        try:
+            scores = self.eval_set.evaluate(rollout, max_tokens)
+        except RolloutWorkersLost:  # replaced: give the new workers the weights, score again
+            self.versions["rollout"] = -1
+            self.wake_and_sync("rollout", "generator")
+            scores = self.eval_set.evaluate(rollout, max_tokens)
         logger.log_event(step, label, scores)
 
     def batch(self, prompts: list[list[int]], responses: list[list[int]]) -> TokenBatch:
@@ -310,8 +401,21 @@ class Driver:
     # checkpoints, resume, failures
 
     def save(self, step: int) -> Path:
+        """Checkpoint the stage's learner roles, the next step's in-flight samples, the data
+        position, RNG and the recipe's state. A write that fails (a full disk) removes the
+        partial checkpoint and raises :class:`CheckpointError`; the previous ones stay."""
         ckpt = st.checkpoint_dir(self.run_dir, step)
+        try:
+            self.write_checkpoint(ckpt, step)
+        except (OSError, *RESTARTABLE) as err:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            raise CheckpointError(f"could not write checkpoint {ckpt}: {err}") from err
+        st.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
+        return ckpt
+
+    def write_checkpoint(self, ckpt: Path, step: int) -> None:
         ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / st.STATE_FILE).unlink(missing_ok=True)  # incomplete until written again
         for name in self.current.checkpoint:
             self.roles[name].save_checkpoint(str(ckpt / name))
         if self.pending is not None:  # the in-flight samples of the next step travel along
@@ -328,8 +432,6 @@ class Driver:
             "recipe": self.state,
         }
         st.write_trainer_state(ckpt, state)
-        st.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
-        return ckpt
 
     def resume(self) -> None:
         """Load the resume checkpoint (if any) into the stage's roles, data position and RNG;

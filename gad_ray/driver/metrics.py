@@ -94,15 +94,20 @@ class MetricsLogger:
         self._bar.update(1)
 
     def log_event(self, step: int, event: str, values: Mapping[str, Any]) -> None:
-        """A record outside the step sequence (an evaluation), printed too."""
+        """A record outside the step sequence (an evaluation, a restart), printed too."""
         record = {"step": step, "event": event, **{k: _plain(v) for k, v in values.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in values.items():
-                self._tb.add_scalar(k, _plain(v), step)
+                if isinstance(_plain(v), int | float):
+                    self._tb.add_scalar(k, _plain(v), step)
         shown = ", ".join(f"{k}={_short(_plain(v))}" for k, v in values.items())
-        self._bar.write(f"[eval {event} @ step {step}] {shown}")
+        self._bar.write(f"[{event} @ step {step}] {shown}")
+
+    def status(self, text: str) -> None:
+        """A live note in the progress bar (e.g. waiting for the teacher); "" clears it."""
+        self._bar.set_postfix_str(text, refresh=True)
 
     def close(self) -> None:
         self._bar.close()

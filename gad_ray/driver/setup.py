@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,7 @@ class TeacherData:
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.fetcher = None
         self.run_dir = run_dir
+        self.on_wait: Callable[[str], None] = lambda text: None  # a progress-bar note
         # batches read ahead: [data position before it, fetch id, examples, responses in?]
         self.ahead: deque[list] = deque()
         self.next_id = 0
@@ -123,20 +126,42 @@ class TeacherData:
         """The entry's examples with their teacher responses (waiting for the fetcher)."""
         _, batch_id, batch, resolved = entry
         if not resolved:
-            results = ray.get(self.fetcher.get.remote(batch_id))
+            results = self._answers(ray.get(self.fetcher.get.remote(batch_id)), batch, step)
             entry[2], entry[3] = self._with_responses(batch, results, step), True
         return entry[2]
+
+    def _answers(self, results: list, batch: list[TokenizedExample], step: int | None) -> list:
+        """``results`` with every transient failure asked again, with backoff, until the API
+        answers: an outage makes training wait (saying so in the progress bar), for the missing
+        prompts only, up to ``teacher.api.outage_timeout_s``; then :class:`TeacherError`."""
+        api = self.cfg.teacher.api
+        deadline = time.monotonic() + api.outage_timeout_s
+        delay = api.backoff_base_s
+        while missing := [i for i, r in enumerate(results) if r.status != "ok" and not r.permanent]:
+            if time.monotonic() + delay > deadline:
+                where = f"at step {step}" if step is not None else "for the next step"
+                raise TeacherError(
+                    f"teacher API unavailable {where} for over teacher.api.outage_timeout_s="
+                    f"{api.outage_timeout_s:g} s: {len(missing)} of {len(results)} requests "
+                    f"unanswered ({results[missing[0]].error})"
+                )
+            self.on_wait(
+                f"teacher API down: waiting for {len(missing)} responses, retry in {delay:.0f} s"
+            )
+            time.sleep(delay)
+            delay = min(2 * delay, api.backoff_max_s)
+            self.fetcher.submit.remote(self.next_id, [batch[i].messages for i in missing])
+            again = ray.get(self.fetcher.get.remote(self.next_id))
+            self.next_id += 1
+            for i, r in zip(missing, again, strict=True):
+                results[i] = r
+        self.on_wait("")
+        return results
 
     def _with_responses(
         self, batch: list[TokenizedExample], results: list, step: int | None
     ) -> list[TokenizedExample]:
         where = f"at step {step}" if step is not None else "for the next step"
-        outage = [r for r in results if r.status != "ok" and not r.permanent]
-        if outage:
-            raise TeacherError(
-                f"teacher API unavailable {where}: {len(outage)} of "
-                f"{len(results)} requests gave up ({outage[0].error})"
-            )
         out = []
         for ex, r in zip(batch, results, strict=True):
             if r.status != "ok":  # a permanent refusal: this prompt has no teacher response

@@ -6,8 +6,9 @@
   metrics.jsonl          one record per step; tensorboard/ beside it; plot.png at the end
   checkpoints/step_00000010/
       generator/ discriminator/   sharded learner state (model, optimizer, schedule, RNG)
-      trainer_state.json          step, data position, RNG: written LAST, so its presence
-                                  marks a complete checkpoint
+      trainer_state.json          step, data position, RNG and the size of every file of
+                                  the checkpoint: written LAST (atomically), so a checkpoint is
+                                  complete when it is present and every listed file is whole
   final/                 the student in HF format (transformers and vLLM load it)
 ```
 """
@@ -15,8 +16,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +27,25 @@ import numpy as np
 import torch
 import yaml
 
-from gad_ray.config.schema import Config
+from gad_ray.config.schema import Config, ConfigError
 
 STATE_FILE = "trainer_state.json"
 
 
 def prepare_run_dir(cfg: Config) -> Path:
+    """Create the run dir and write ``config.yaml``; one that cannot be written is a
+    :class:`ConfigError` naming ``trainer.run_dir``."""
     run_dir = Path(cfg.trainer.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        )
+    except OSError as err:
+        raise ConfigError(
+            f"trainer.run_dir={cfg.trainer.run_dir!r}: cannot write the run directory "
+            f"({err.strerror or err})"
+        ) from None
     return run_dir
 
 
@@ -43,10 +54,34 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first; a partial one (no state file, or a file
+    missing or cut short) is skipped with a warning."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if (p / STATE_FILE).is_file())
+    out = []
+    for p in sorted(root.iterdir()):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            out.append(p)
+        elif (p / STATE_FILE).exists():  # looked complete: say why it is skipped
+            warnings.warn(f"skipping checkpoint {p}: {problem}", stacklevel=2)
+    return out
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` is not a complete checkpoint, or None when it is."""
+    try:
+        files = json.loads((ckpt / STATE_FILE).read_text()).get("files", {})
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} is missing or unreadable ({err})"
+    for rel, size in files.items():
+        f = ckpt / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
@@ -58,10 +93,9 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
         done = complete_checkpoints(run_dir)
         return done[-1] if done else None
     path = Path(mode)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
-            f"trainer.resume={mode!r}: not a complete checkpoint (no {STATE_FILE} in it)"
-        )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(f"trainer.resume={mode!r}: not a complete checkpoint ({problem})")
     return path
 
 
@@ -82,9 +116,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def write_trainer_state(ckpt: Path, state: dict[str, Any]) -> None:
-    """Write the driver's state last and atomically: it marks the checkpoint complete."""
+    """Write the driver's state last and atomically, with the size of every file the roles
+    wrote: it marks the checkpoint complete (:func:`checkpoint_problem` checks the sizes)."""
+    files = {
+        str(f.relative_to(ckpt)): f.stat().st_size
+        for f in sorted(ckpt.rglob("*"))
+        if f.is_file() and not f.name.startswith(STATE_FILE)
+    }
     tmp = ckpt / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, default=_json_default))
+    with tmp.open("w") as out:
+        json.dump({**state, "files": files}, out, default=_json_default)
+        out.flush()
+        os.fsync(out.fileno())
     tmp.replace(ckpt / STATE_FILE)
 
 

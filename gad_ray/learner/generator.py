@@ -241,7 +241,12 @@ class GeneratorWorker(LearnerWorker):
                 pass
             return {}
         workers = [rollout_workers[i] for i in ids]
-        return send_weights(named, workers, rcfg.bucket_bytes, method, ids)
+        try:
+            return send_weights(named, workers, rcfg.bucket_bytes, method, ids)
+        except Exception:
+            for _ in named:  # the other ranks' gathers are collectives: finish them, then fail
+                pass
+            raise
 
     def save_pretrained(self, path: str) -> None:
         """HF export in the compute dtype (``model.student.dtype``), written by rank 0."""

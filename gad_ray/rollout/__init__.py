@@ -1,7 +1,18 @@
 """Rollout: vLLM (or HF) generation in Ray actors, and weight sync from the generator learner."""
 
-from .group import RolloutGroup
+from .base import BACKENDS, RolloutBackend, backend_class
+from .group import RolloutGroup, RolloutWorkersLost
 from .types import Sample, check_request
 from .weight_sync import resolve_sync_method, send_weights
 
-__all__ = ["RolloutGroup", "Sample", "check_request", "resolve_sync_method", "send_weights"]
+__all__ = [
+    "BACKENDS",
+    "RolloutBackend",
+    "RolloutGroup",
+    "RolloutWorkersLost",
+    "Sample",
+    "backend_class",
+    "check_request",
+    "resolve_sync_method",
+    "send_weights",
+]

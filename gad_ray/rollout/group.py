@@ -7,9 +7,18 @@ from gad_ray.data.batch import balanced_partition
 from gad_ray.futures import AsyncCalls
 from gad_ray.models.loading import VLLM_CPU_ENV
 from gad_ray.placement import RolePlacement
-from gad_ray.rollout.hf_worker import HFRolloutWorker
+from gad_ray.rollout.base import backend_class
 from gad_ray.rollout.types import Sample
-from gad_ray.rollout.vllm_worker import RolloutWorker
+
+
+class RolloutWorkersLost(RuntimeError):
+    """Workers died during ``generate``; they were replaced by fresh ones, which hold the
+    initial weights. ``samples``: what the other workers generated; ``missing``: the prompt
+    indices to generate again once the new workers have the current weights."""
+
+    def __init__(self, workers: list[int], samples: list[Sample], missing: list[int]):
+        super().__init__(f"rollout workers {workers} died and were replaced")
+        self.workers, self.samples, self.missing = workers, samples, missing
 
 
 class RolloutGroup(AsyncCalls):
@@ -34,16 +43,18 @@ class RolloutGroup(AsyncCalls):
         if placement is None:
             num_gpus = rc.gpus_per_worker or (rc.tensor_parallel_size if on_gpu else 0)
             placement = RolePlacement(num_gpus, num_cpus_per_worker)
-        cls = RolloutWorker if rc.backend == "vllm" else HFRolloutWorker
         env = {"env_vars": {} if on_gpu else dict(VLLM_CPU_ENV)}
         spec = cfg.model.student
-        self.cfg = cfg
-        self.workers = [
-            ray.remote(cls)
-            .options(runtime_env=env, **placement.options(i))
-            .remote(model_path, rc, spec.dtype, spec.max_context, cfg.seed + i)
-            for i in range(rc.num_workers)
-        ]
+        actor = ray.remote(backend_class(rc.backend))
+        self.cfg, self.replaced = cfg, 0
+
+        def spawn(i: int) -> ray.actor.ActorHandle:
+            return actor.options(runtime_env=env, **placement.options(i)).remote(
+                model_path, rc, spec.dtype, spec.max_context, cfg.seed + i
+            )
+
+        self.spawn = spawn
+        self.workers = [spawn(i) for i in range(rc.num_workers)]
         self.info = ray.get([w.health.remote() for w in self.workers])  # waits for start-up
 
     def generate(
@@ -54,18 +65,58 @@ class RolloutGroup(AsyncCalls):
         top_p: float,
         max_tokens: int,
         seed: int | None = None,
+        indices: list[int] | None = None,
     ) -> list[Sample]:
-        """``n`` samples per prompt; prompt i's samples at ``[i*n:(i+1)*n]``."""
+        """``n`` samples per prompt, prompt-major in prompt order. ``indices``: each prompt's
+        index in the step's batch (default its position), which fixes its seeds and
+        ``Sample.prompt_index``. A worker that dies is replaced and :class:`RolloutWorkersLost`
+        raised after the other workers finish."""
+        idx = list(range(len(prompt_ids))) if indices is None else list(indices)
         parts = balanced_partition([len(p) + max_tokens for p in prompt_ids], len(self.workers))
-        refs = [
+        refs = {
             w.generate.remote(
-                [prompt_ids[i] for i in part], n, temperature, top_p, max_tokens, seed, part
-            )
-            for w, part in zip(self.workers, parts, strict=True)
+                [prompt_ids[j] for j in part],
+                n,
+                temperature,
+                top_p,
+                max_tokens,
+                seed,
+                [idx[j] for j in part],
+            ): (k, part)
+            for k, (w, part) in enumerate(zip(self.workers, parts, strict=True))
             if part
-        ]
-        samples = [s for batch in ray.get(refs) for s in batch]
+        }
+        samples, dead, missing = [], [], []
+        for ref, (k, part) in refs.items():
+            try:
+                samples += ray.get(ref)
+            except ray.exceptions.RayActorError:
+                dead.append(k)
+                missing += [idx[j] for j in part]
+        if dead:
+            self.replace(dead)
+            raise RolloutWorkersLost(dead, samples, missing)
         return sorted(samples, key=lambda s: s.prompt_index)  # stable: sample order kept
+
+    def replace(self, which: list[int]) -> None:
+        """Start fresh workers in place of ``which`` (they load the initial weights)."""
+        for k in which:
+            ray.kill(self.workers[k], no_restart=True)
+            self.workers[k] = self.spawn(k)
+        ray.get([self.workers[k].health.remote() for k in which])
+        self.replaced += len(which)
+
+    def replace_dead(self, timeout_s: float = 60.0) -> list[int]:
+        """Replace the workers that no longer answer; their indices."""
+        dead = []
+        for k, w in enumerate(self.workers):
+            try:
+                ray.get(w.health.remote(), timeout=timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(k)
+        if dead:
+            self.replace(dead)
+        return dead
 
     def sleep(self, level: int = 1) -> list[dict]:
         """Put every worker to sleep; each reply says whether sleep mode is supported."""

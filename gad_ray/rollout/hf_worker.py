@@ -14,6 +14,7 @@ import torch.distributed as dist
 from gad_ray.config.schema import RolloutConfig
 from gad_ray.memory import memory_stats
 from gad_ray.models.loading import load_causal_lm
+from gad_ray.rollout.base import RolloutBackend
 from gad_ray.rollout.types import Sample, check_request, sample_seed
 from gad_ray.rollout.vllm_worker import resolve_dtype
 from gad_ray.rollout.weight_sync import (
@@ -27,7 +28,7 @@ from gad_ray.rollout.weight_sync import (
 )
 
 
-class HFRolloutWorker:
+class HFRolloutWorker(RolloutBackend):
     """A transformers causal LM serving ``generate`` and receiving weight updates."""
 
     def __init__(

@@ -17,6 +17,7 @@ import torch
 from gad_ray.config.schema import RolloutConfig
 from gad_ray.memory import memory_stats
 from gad_ray.models.loading import VLLM_CPU_ENV, VLLM_CPU_LLM_KWARGS, model_max_context
+from gad_ray.rollout.base import RolloutBackend
 from gad_ray.rollout.types import Sample, check_request, sample_seed
 from gad_ray.rollout.weight_sync import IpcHandle, Meta
 
@@ -70,7 +71,7 @@ def engine_kwargs(
     return kw
 
 
-class RolloutWorker:
+class RolloutWorker(RolloutBackend):
     """A vLLM engine serving ``generate`` and receiving weight updates (wrap with ``ray.remote``).
 
     Bad requests raise ValueError naming the prompt and the limit; the actor keeps serving.
