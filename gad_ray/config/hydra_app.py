@@ -12,7 +12,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from gad_ray.config.schema import Config, ConfigError, validate_config
+from gad_ray.config.schema import Config, InputError, validate_config
 
 CONF_DIR = os.environ.get("GAD_RAY_CONF_DIR") or str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -38,16 +38,19 @@ def compose(overrides: list[str] | None = None, run_dir: str | None = None) -> C
 
 
 def hydra_entry(fn: Callable[[Config], Any]) -> Callable[[], None]:
-    """Wrap ``fn(config)`` as a Hydra app: compose, validate (exit 2 with the message), run."""
+    """Wrap ``fn(config)`` as a Hydra app: compose, validate, run. A mistake in the input (an
+    :class:`InputError`: config, path, data, model, key) prints its message alone and exits 2;
+    ``HYDRA_FULL_ERROR=1`` shows the traceback instead."""
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
     @functools.wraps(fn)
     def _app(cfg: DictConfig) -> None:
         try:
-            config = to_config(cfg)
-        except ConfigError as err:
+            fn(to_config(cfg))
+        except InputError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
-        fn(config)
 
     return _app

@@ -14,7 +14,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-class ConfigError(ValueError):
+class InputError(Exception):
+    """A mistake in what the user gave (config, paths, data, model, key): the CLIs print the
+    message alone, without a traceback (``HYDRA_FULL_ERROR=1`` shows it)."""
+
+
+class ConfigError(InputError, ValueError):
     """A config that cannot run; the message names the key(s) and value(s)."""
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from gad_ray.config.schema import DataConfig
+from gad_ray.config.schema import DataConfig, InputError
 
 ROLES = ("system", "user", "assistant")
 SYNTHETIC_PREFIX = "synthetic:"
@@ -33,7 +33,7 @@ _PARQUET_SUFFIXES = (".parquet", ".pq")
 _MAX_REPORTED_ERRORS = 5
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """Unreadable data; the message names the file (or source), row and key."""
 
 

@@ -1,7 +1,8 @@
 """``gad-train``: compose and validate the config, then run the driver (docs/algorithms.md §2.6).
 
 ``plan_only=true`` prints the per-GPU memory plan (:mod:`gad_ray.plan`) and exits instead:
-0 when it fits, 2 (naming the knobs to change) when it does not.
+0 when it fits, 2 (naming the knobs to change) when it does not. A mistake in the input stops
+the run before any actor starts, printing the message alone (exit 2).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import sys
 
 from gad_ray.config.hydra_app import hydra_entry
-from gad_ray.config.schema import ConfigError
 from gad_ray.driver.driver import TrainingAborted, train
 
 
@@ -20,12 +20,9 @@ def _train(cfg) -> None:
         sys.exit(run_plan(cfg))
     try:
         train(cfg)
-    except TrainingAborted as err:
+    except TrainingAborted as err:  # the cause and the checkpoint to resume from
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    except ConfigError as err:  # e.g. the memory check before any actor starts
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 main = hydra_entry(_train)

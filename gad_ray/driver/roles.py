@@ -12,7 +12,10 @@ and stops the others.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
+
+import ray
 
 from gad_ray.config.schema import Config, ConfigError
 from gad_ray.driver.setup import cpus_per_actor
@@ -28,13 +31,25 @@ from gad_ray.placement import (
 
 
 def preflight(cfg: Config, role_sets: list[tuple[str, ...]]) -> None:
-    """Before Ray starts: every model the roles load resolves, and shares the student's
-    tokenizer where it must (D scores, and the proxy teaches, the student's token ids)."""
+    """Before Ray starts: the packages the backends need are installed, the teacher's key is
+    set, every model the roles load resolves and shares the student's tokenizer where it must
+    (D scores, and the proxy teaches, the student's token ids)."""
     from gad_ray.discriminator.model import check_discriminator_tokenizer, discriminator_source
     from gad_ray.learner.proxy import check_proxy_tokenizer
     from gad_ray.models.loading import model_max_context
+    from gad_ray.teacher.fetcher import read_api_key
 
     roles = {r for rs in role_sets for r in rs}
+    needs = {"learner.backend=deepspeed": (cfg.learner.backend == "deepspeed", "deepspeed")}
+    needs["rollout.backend=vllm"] = (cfg.rollout.backend == "vllm", "vllm")
+    for key, (used, package) in needs.items():
+        if used and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"{key} needs the {package} package, which is not installed: pip install "
+                f"{package} (or pip install -e '.[gpu]' / '.[cpu]'), or choose another backend"
+            )
+    if cfg.teacher.source == "api":
+        read_api_key(cfg.teacher.api)  # TeacherError naming the variable, never the key
     model_max_context(cfg.model.student.path)
     if "discriminator" in roles:
         model_max_context(discriminator_source(cfg))
@@ -63,6 +78,7 @@ class Roles:
         self.shared = self.on_gpus and cfg.cluster.placement == "colocated"
         if self.on_gpus:
             check_gpus(cfg, role_sets)
+            self.check_cluster_gpus()
         if self.shared:
             union = tuple(dict.fromkeys(r for roles in role_sets for r in roles))
             self.places = plan_placement(cfg, union)
@@ -100,11 +116,22 @@ class Roles:
             self.groups[name] = self.build(name)
         return new
 
+    def check_cluster_gpus(self) -> None:
+        """The Ray cluster has the GPUs the config declares (checked before any actor)."""
+
+        want = self.cfg.cluster.gpus_per_node * self.cfg.cluster.num_nodes
+        have = ray.cluster_resources().get("GPU", 0)
+        if have < want:
+            raise ConfigError(
+                f"the Ray cluster has {have:g} GPUs, but cluster.num_nodes x "
+                f"cluster.gpus_per_node = {self.cfg.cluster.num_nodes} x "
+                f"{self.cfg.cluster.gpus_per_node} = {want}: set them to the cluster's"
+            )
+
     def fit_cpus(self) -> float:
         """CPU-only cluster: the factor (<= 1) that shrinks every actor's CPU share so the roles
         alive at one time fit the CPUs Ray has free (they take turns on the cores anyway); a
         shrunk share still runs one thread."""
-        import ray
 
         need = max(
             sum(role_size(self.cfg, r)[0] * cpus_per_actor(self.cfg, r, self.role_sets) for r in rs)

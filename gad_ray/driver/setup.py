@@ -84,6 +84,7 @@ class TeacherData:
         self.fetcher = None
         self.run_dir = run_dir
         self.on_wait: Callable[[str], None] = lambda text: None  # a progress-bar note
+        self.waits = 0  # times a step waited for the teacher API to come back
         # batches read ahead: [data position before it, fetch id, examples, responses in?]
         self.ahead: deque[list] = deque()
         self.next_id = 0
@@ -148,6 +149,7 @@ class TeacherData:
             self.on_wait(
                 f"teacher API down: waiting for {len(missing)} responses, retry in {delay:.0f} s"
             )
+            self.waits += 1
             time.sleep(delay)
             delay = min(2 * delay, api.backoff_max_s)
             self.fetcher.submit.remote(self.next_id, [batch[i].messages for i in missing])

@@ -38,6 +38,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from gad_ray.config.schema import InputError
 from gad_ray.models.tiny import ARCHS, SIZES, build_tiny_model
 
 VLLM_CPU_ENV: dict[str, str] = {
@@ -54,7 +55,7 @@ TINY_PREFIX = "tiny:"
 TINY_VERSION = "v2"  # bump when tiny.py changes what it builds, so stale caches are not reused
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError, ValueError):
     """A model spec that cannot be resolved or loaded."""
 
 

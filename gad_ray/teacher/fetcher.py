@@ -20,7 +20,7 @@ from pathlib import Path
 import openai
 import ray
 
-from gad_ray.config.schema import TeacherAPIConfig
+from gad_ray.config.schema import InputError, TeacherAPIConfig
 from gad_ray.teacher.cache import ResponseCache, Result, messages_hash, request_key
 from gad_ray.teacher.limits import RateLimiter, Verdict, backoff_delay, classify
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 5.0
 
 
-class TeacherError(RuntimeError):
+class TeacherError(InputError, RuntimeError):
     """The fetch cannot go on (no key, unreachable endpoint, key or model rejected)."""
 
 

@@ -25,7 +25,7 @@ def test_config_errors_are_caught_before_any_actor_starts(make_cfg):
 
 
 def test_dead_actor_ends_the_run_naming_the_role_and_the_checkpoint(ray_session, make_cfg):
-    cfg = make_cfg("trainer.save_every=1")
+    cfg = make_cfg("trainer.save_every=1", "trainer.max_restarts=0")
     driver = Driver(cfg)
     try:
         driver.fit(stop_at=1)
@@ -53,6 +53,7 @@ def test_teacher_outage_ends_the_run_with_a_resumable_checkpoint(ray_session, tm
             "teacher.api.timeout_s=1",
             "teacher.api.backoff_base_s=0.05",
             "teacher.api.backoff_max_s=0.1",
+            "teacher.api.outage_timeout_s=2",
             "teacher.prefetch_batches=0",
             "trainer.save_every=1",
         )
