@@ -1,21 +1,56 @@
 """Failures end the run with a clear message and a resumable checkpoint, never a hang."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 
 from gad_ray.config.schema import ConfigError
-from gad_ray.driver.driver import Driver, TrainingAborted
 from gad_ray.driver.metrics import read_metrics
+from gad_ray.driver.driver import Driver, TrainingAborted, train
 from gad_ray.synthetic.server import start_server_thread
 
 from .conftest import TEACHER_KEY_ENV, tiny_overrides
+from .helpers import step_records
+
+
+def actor_pids(class_name: str) -> list[int]:
+    """PIDs of this process's Ray actors of ``class_name`` (Ray titles an actor's process
+    ``ray::<class>`` or ``ray::<class>.<method>``); other sessions' actors are not ours."""
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if re.match(rf"ray::{class_name}(\.|\s|$)", title):
+            pids.append(proc.pid)
+    return pids
+
+
+def kill_when_file_appears(path: Path, class_name: str, killed: list[int]) -> None:
+    """SIGKILL every actor of ``class_name`` as soon as ``path`` exists (polling; 10 min max)."""
+    deadline = time.time() + 600
+    while not path.is_file() and time.time() < deadline:
+        time.sleep(0.02)
+    for pid in actor_pids(class_name):
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+
+def without(text: str, path: Path | str) -> str:
+    """``text`` with ``path`` blanked out (a test's tmp dir name must not satisfy a check)."""
+    for form in {str(path), str(Path(path).resolve())}:
+        text = text.replace(form, "<run_dir>")
+    return text
 
 
 def test_config_errors_are_caught_before_any_actor_starts(make_cfg):
@@ -25,6 +60,7 @@ def test_config_errors_are_caught_before_any_actor_starts(make_cfg):
 
 
 def test_dead_actor_ends_the_run_naming_the_role_and_the_checkpoint(ray_session, make_cfg):
+    """With no restarts left (trainer.max_restarts=0) a dead role stops the run."""
     cfg = make_cfg("trainer.save_every=1", "trainer.max_restarts=0")
     driver = Driver(cfg)
     try:
@@ -34,8 +70,33 @@ def test_dead_actor_ends_the_run_naming_the_role_and_the_checkpoint(ray_session,
             driver.fit()
     finally:
         driver.shutdown()
-    msg = str(err.value)
+    msg = without(str(err.value), cfg.trainer.run_dir)
     assert "discriminator" in msg and "step_00000001" in msg and "resume=auto" in msg
+
+
+def test_actor_killed_during_a_step_ends_the_run_then_resume_finishes(ray_session, make_cfg):
+    """D's process is SIGKILLed as soon as the step-3 checkpoint is complete, while step 3
+    syncs G's weights and samples: step 3 fails when it asks D for rewards, naming the
+    discriminator and that checkpoint (no restarts left: trainer.max_restarts=0; the healing
+    itself is tests/driver/test_healing.py); a rerun resumes there and finishes."""
+    cfg = make_cfg("trainer.save_every=1", "trainer.max_restarts=0")
+    run_dir = Path(cfg.trainer.run_dir)
+    marker = run_dir / "checkpoints" / "step_00000003" / "trainer_state.json"
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=kill_when_file_appears, args=(marker, "DiscriminatorWorker", killed), daemon=True
+    )
+    killer.start()
+    with pytest.raises(TrainingAborted) as err:
+        train(cfg)
+    killer.join(timeout=60)
+    assert len(killed) == 1  # the one discriminator rank
+    msg = without(str(err.value), run_dir)
+    assert re.search(r"\bdiscriminator\b", msg), msg
+    assert "step_00000003" in msg, msg
+    assert [r["step"] for r in step_records(run_dir)] == [0, 1, 2]  # died inside step 3
+    train(cfg)
+    assert [r["step"] for r in step_records(run_dir)] == [0, 1, 2, 3]
 
 
 def test_teacher_outage_ends_the_run_with_a_resumable_checkpoint(ray_session, tmp_path):
@@ -61,14 +122,16 @@ def test_teacher_outage_ends_the_run_with_a_resumable_checkpoint(ray_session, tm
     driver = Driver(cfg)
     try:
         driver.fit(stop_at=1)
-        server.stop()  # the API goes away
+        server.stop()  # the API goes away for longer than teacher.api.outage_timeout_s
         t0 = time.time()
-        with pytest.raises(TrainingAborted, match="teacher") as err:
+        with pytest.raises(TrainingAborted) as err:
             driver.fit()
         assert time.time() - t0 < 60
     finally:
         driver.shutdown()
-    assert "step_00000001" in str(err.value)
+    msg = without(str(err.value), cfg.trainer.run_dir)  # the tmp dir's name holds "teacher"
+    assert re.search(r"\bteacher\b", msg) and "outage_timeout_s=2" in msg, msg
+    assert "step_00000001" in msg
     assert os.environ[TEACHER_KEY_ENV] not in str(err.value)
 
 
