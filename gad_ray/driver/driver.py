@@ -360,8 +360,9 @@ class Driver:
                 try:
                     self.roles[policy].sync_weights(rollout.workers)
                 except RESTARTABLE:  # a dead rollout worker: replace it and sync again
-                    if not rollout.replace_dead():
+                    if not (dead := rollout.replace_dead()):
                         raise
+                    self.logger.log_event(self.step, "rollout_workers_replaced", {"workers": dead})
                     self.roles[policy].sync_weights(rollout.workers)
             self.versions[rollout_role] = self.versions.get(policy, 0)
         if asleep:
@@ -407,9 +408,11 @@ class Driver:
         ckpt = st.checkpoint_dir(self.run_dir, step)
         try:
             self.write_checkpoint(ckpt, step)
-        except (OSError, *RESTARTABLE) as err:
+        except BaseException as err:  # never leave a partial checkpoint behind
             shutil.rmtree(ckpt, ignore_errors=True)
-            raise CheckpointError(f"could not write checkpoint {ckpt}: {err}") from err
+            if isinstance(err, OSError) or isinstance(err.__cause__, OSError):  # a failed write
+                raise CheckpointError(f"could not write checkpoint {ckpt}: {err}") from err
+            raise  # e.g. a role died while saving: restartable
         st.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
         return ckpt
 

@@ -11,6 +11,7 @@ sampling temperature, the distribution the samples were drawn from (docs/algorit
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,18 +48,26 @@ def policy_logprobs(
     entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Aligned log-probs [b, t] of ``mb``'s tokens under ``softmax(logits / temperature)``
-    (position t: token t given < t; 0 at t=0) and, with ``entropy``, the entropy [b, t] of that
+    (position t: token t given < t) and, with ``entropy``, the entropy [b, t] of that
     distribution: detached unless ``entropy_grad`` (no [tokens, vocab] graph is kept for a
-    metric)."""
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-    logits = logits[:, :-1]
-    logp = F.pad(token_logprobs(logits, mb.input_ids[:, 1:], temperature), (1, 0))
+    metric). Only positions from the micro-batch's shortest prompt on are computed (0 before):
+    the LM head never runs on the prompt tokens every row shares, which saves their
+    [tokens, vocab] logits, often the largest tensor of a step."""
+    first = max(1, int(mb.prompt_lens.min()))  # no row has a response token before this
+    keep = mb.input_ids.shape[1] - first + 1  # logits at positions first - 1 .. t - 1
+    logits = model(
+        input_ids=mb.input_ids,
+        attention_mask=mb.attention_mask,
+        use_cache=False,
+        logits_to_keep=keep,
+    ).logits[:, :-1]
+    logp = F.pad(token_logprobs(logits, mb.input_ids[:, first:], temperature), (first, 0))
     if not entropy:
         return logp, None
     if entropy_grad:
-        return logp, F.pad(entropy_from_logits(logits, temperature), (1, 0))
+        return logp, F.pad(entropy_from_logits(logits, temperature), (first, 0))
     with torch.no_grad():
-        return logp, F.pad(entropy_from_logits(logits.detach(), temperature), (1, 0))
+        return logp, F.pad(entropy_from_logits(logits.detach(), temperature), (first, 0))
 
 
 def _check_batch(batch: TokenBatch, method: str) -> None:
@@ -235,7 +244,7 @@ class GeneratorWorker(LearnerWorker):
         colocated = self.cfg.cluster.placement == "colocated"
         method = resolve_sync_method(rcfg.weight_sync, colocated, n, self.world_size)
         ids = receivers(method, self.rank, self.world_size, n)
-        named = self.engine.named_full_params(self.engine.dtype)
+        named = with_tied_head(self.engine.named_full_params(self.engine.dtype), self.hf_config)
         if not ids:
             for _ in named:
                 pass
@@ -257,6 +266,19 @@ class GeneratorWorker(LearnerWorker):
             tok = load_tokenizer(spec.tokenizer or self.model_path)
             checkpoint.export_hf(path, state, self.hf_config, tok)
         dist.barrier()
+
+
+def with_tied_head(
+    named: Iterator[tuple[str, torch.Tensor]], config: Any
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``named`` plus ``lm_head.weight`` after the input embedding when the model ties them:
+    ``named_parameters`` lists the shared tensor once, but a receiver such as vLLM-CPU keeps
+    its own (packed) LM head, which is reloaded only when it receives weights of its own."""
+    tied = getattr(config, "tie_word_embeddings", False)
+    for name, t in named:
+        yield name, t
+        if tied and name.endswith("embed_tokens.weight"):
+            yield name.replace("model.embed_tokens", "lm_head"), t
 
 
 class GeneratorGroup(LearnerGroup):

@@ -14,8 +14,8 @@ import pytest
 import ray
 
 from gad_ray.config.schema import ConfigError
-from gad_ray.driver.metrics import read_metrics
 from gad_ray.driver.driver import Driver, TrainingAborted, train
+from gad_ray.driver.metrics import read_metrics
 from gad_ray.synthetic.server import start_server_thread
 
 from .conftest import TEACHER_KEY_ENV, tiny_overrides

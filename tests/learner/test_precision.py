@@ -90,7 +90,8 @@ def test_bf16_compute_step_at_lr_1e6_moves_fp32_masters_like_an_fp32_step(
             str(tiny_model_dir), RolloutConfig(backend="hf"), "bfloat16", 64, 0
         )
         stats = group.sync_weights([worker])
-        assert stats["bytes"] == 2 * sum(v.numel() for v in masters.values())
+        tied = masters["model.embed_tokens.weight"].numel()  # sent again as lm_head.weight
+        assert stats["bytes"] == 2 * (sum(v.numel() for v in masters.values()) + tied)
         received = ray.get(worker.__ray_call__.remote(lambda w: dict(w.model.named_parameters())))
         for k, v in masters.items():
             assert received[k].dtype == torch.bfloat16, k
