@@ -225,6 +225,9 @@ class TeacherAPIConfig(_Strict):
     backoff_base_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(60.0, gt=0)
     cache_path: str = "teacher_cache.sqlite"
+    # false: the k-th occurrence of a prompt in the data gets its own sample k (the teacher's
+    # distribution is kept); true: every occurrence shares one response (one request per prompt)
+    dedup: bool = False
     price_per_1k_prompt_tokens: float = Field(0.0, ge=0)
     price_per_1k_completion_tokens: float = Field(0.0, ge=0)
     budget: TeacherBudget = TeacherBudget()
