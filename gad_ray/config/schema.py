@@ -233,6 +233,9 @@ class TeacherAPIConfig(_Strict):
     # stops with a checkpoint
     outage_timeout_s: float = Field(1800.0, gt=0)
     cache_path: str = "teacher_cache.sqlite"
+    # false: the k-th occurrence of a prompt in the data gets its own sample k (the teacher's
+    # distribution is kept); true: every occurrence shares one response (one request per prompt)
+    dedup: bool = False
     price_per_1k_prompt_tokens: float = Field(0.0, ge=0)
     price_per_1k_completion_tokens: float = Field(0.0, ge=0)
     budget: TeacherBudget = TeacherBudget()

@@ -18,7 +18,7 @@ from gad_ray.data.dataset import load_examples
 from gad_ray.data.loader import StepLoader
 from gad_ray.data.tokenize import TokenizedExample, encode_response, tokenize_examples
 from gad_ray.placement import is_rollout, role_size
-from gad_ray.teacher.fetcher import TeacherError
+from gad_ray.teacher.fetcher import TeacherError, occurrence_indices
 
 
 def init_ray(cfg: Config, role_sets: list[tuple[str, ...]]) -> None:
@@ -70,6 +70,8 @@ class TeacherData:
     With ``teacher.source=api`` the :class:`~gad_ray.teacher.fetcher.TeacherFetcher` actor is
     asked for the next ``teacher.prefetch_batches`` batches ahead of time, so the loop waits
     only when the API is slower than training; every response is cached on disk as it lands.
+    The k-th occurrence of a prompt in the file is its teacher sample k (``meta["teacher_sample"]``,
+    set once at load), so each repeat has its own response and every epoch or resume reuses it.
     """
 
     def __init__(self, cfg: Config, tokenizer: Any, run_dir: Path):
@@ -77,6 +79,10 @@ class TeacherData:
         live = cfg.teacher.source == "api"
         examples, _ = load_examples(cfg.data, require_response=not live)
         tokenized, self.stats = tokenize_examples(examples, tokenizer, cfg.data)
+        if live:
+            samples = occurrence_indices(cfg.teacher.api, [e.messages for e in tokenized])
+            for ex, k in zip(tokenized, samples, strict=True):
+                ex.meta["teacher_sample"] = k
         self.loader = StepLoader(
             tokenized, cfg.data.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle
         )
@@ -119,7 +125,11 @@ class TeacherData:
             state = self.loader.state_dict()
             batch = self.loader.next_batch()
             if self.fetcher is not None:
-                self.fetcher.submit.remote(self.next_id, [e.messages for e in batch])
+                self.fetcher.submit.remote(
+                    self.next_id,
+                    [e.messages for e in batch],
+                    [e.meta["teacher_sample"] for e in batch],
+                )
             self.ahead.append([state, self.next_id, batch, self.fetcher is None])
             self.next_id += 1
 

@@ -1,8 +1,8 @@
 """Durable teacher-response cache: one SQLite (WAL) row per response, committed on arrival.
 
-Rows are keyed by :func:`request_key` = sha256 of (model, messages, sampling parameters), so a
-restarted fetch finds every response that was paid for and asks the API only for the rest.
-Only successes and permanent failures are stored; the API key never is.
+Rows are keyed by :func:`request_key` = sha256 of (model, messages, sampling parameters, sample
+index), so a restarted fetch finds every response that was paid for and asks the API only for the
+rest. Only successes and permanent failures are stored; the API key never is.
 """
 
 from __future__ import annotations
@@ -46,9 +46,17 @@ def messages_hash(messages: list[dict]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def request_key(model: str, messages: list[dict], params: dict) -> str:
-    """The cache key: sha256 of the model, the messages sent and the sampling parameters."""
-    blob = json.dumps([model, messages, params], sort_keys=True, ensure_ascii=False)
+def request_key(model: str, messages: list[dict], params: dict, sample: int = 0) -> str:
+    """The cache key: sha256 of the model, the messages sent, the sampling parameters and, for
+    ``sample`` > 0, the sample index (one key per independent draw of the same request).
+
+    Sample 0 hashes ``[model, messages, params]`` exactly as before sample indices existed, so
+    an older cache still serves every first occurrence.
+    """
+    if sample < 0:
+        raise ValueError(f"sample index must be >= 0, got {sample}")
+    parts = [model, messages, params] if sample == 0 else [model, messages, params, sample]
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

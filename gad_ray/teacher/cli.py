@@ -4,6 +4,8 @@ Reads the prompts of ``data.train_path`` (any source of :mod:`gad_ray.data.datas
 teacher (``teacher.api``) for every row without a ``data.response_key`` value, and writes the
 rows in the paper's schema (``content``, ``teacher_response``, other columns kept) to
 ``<input stem>.teacher<suffix>`` beside a local input file, else ``<trainer.run_dir>/teacher.jsonl``.
+The k-th row (in file order) with the same prompt asks for the teacher's sample k, so a prompt
+that repeats gets as many independent responses (``teacher.api.dedup=true``: one, shared).
 Every response is committed to ``teacher.api.cache_path`` on arrival: a killed run restarted
 with the same config asks only for what is missing.
 """
@@ -24,7 +26,7 @@ from gad_ray.config import Config
 from gad_ray.config.hydra_app import hydra_entry
 from gad_ray.data.dataset import DataError, load_rows, parse_example
 from gad_ray.teacher.cache import Result
-from gad_ray.teacher.fetcher import Fetcher, TeacherError
+from gad_ray.teacher.fetcher import Fetcher, TeacherError, occurrence_indices
 
 EXIT_BUDGET = 3
 
@@ -64,7 +66,9 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-async def _fetch_all(cfg: Config, prompts: list[list[dict]]) -> tuple[list[Result], dict]:
+async def _fetch_all(
+    cfg: Config, prompts: list[list[dict]], samples: list[int]
+) -> tuple[list[Result], dict]:
     bar = tqdm(total=len(prompts), desc="teacher", unit="prompt", dynamic_ncols=True)
     async with Fetcher(cfg.teacher.api, retry_failed=cfg.fetch.retry_failed) as fetcher:
 
@@ -80,7 +84,7 @@ async def _fetch_all(cfg: Config, prompts: list[list[dict]]) -> tuple[list[Resul
             bar.update(1)
 
         try:
-            results = await fetcher.fetch_many(prompts, on_result)
+            results = await fetcher.fetch_many(prompts, samples, on_result)
         finally:
             bar.close()
         return results, fetcher.stats()
@@ -95,7 +99,11 @@ def fetch_dataset(cfg: Config, input_path: str, output_path: Path) -> dict:
     rows = read_prompts(cfg, input_path)
     key = cfg.data.response_key
     todo = [i for i, (row, _) in enumerate(rows) if not row.get(key)]
-    results, stats = asyncio.run(_fetch_all(cfg, [rows[i][1] for i in todo]))
+    # counted over every row, as a teacher=api training run on this file counts them
+    samples = occurrence_indices(cfg.teacher.api, [m for _, m in rows])
+    results, stats = asyncio.run(
+        _fetch_all(cfg, [rows[i][1] for i in todo], [samples[i] for i in todo])
+    )
     out_rows = [dict(row) for row, _ in rows]
     failed: Counter[str] = Counter()
     for i, r in zip(todo, results, strict=True):

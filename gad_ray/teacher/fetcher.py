@@ -1,7 +1,10 @@
 """Async teacher-API client: concurrency, rate limits, retries, durable cache, budget; Ray actor.
 
-:class:`Fetcher` is the asyncio core (``await fetcher.fetch_many(prompts)``); :class:`TeacherFetcher`
-wraps it as an async Ray actor so the driver can ask for upcoming batches ahead of time.
+:class:`Fetcher` is the asyncio core (``await fetcher.fetch_many(prompts, samples)``);
+:class:`TeacherFetcher` wraps it as an async Ray actor so the driver can ask for upcoming batches
+ahead of time. A prompt's sample index (:func:`occurrence_indices`: its k-th occurrence in the
+data is sample k) is part of its cache key, so repeats of a prompt are independent draws from the
+teacher, each paid for once.
 The API key is read from ``os.environ[api.api_key_env]`` and never logged, stored or raised.
 """
 
@@ -64,12 +67,27 @@ def request_messages(api: TeacherAPIConfig, prompt: str | list[dict]) -> list[di
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
+def occurrence_indices(api: TeacherAPIConfig, prompts: list) -> list[int]:
+    """Each prompt's sample index: how many earlier prompts in ``prompts`` send the same request
+    messages (0 for a first occurrence). Computed once over a whole dataset in file order, it
+    gives every occurrence of a prompt its own teacher response, the same one every epoch."""
+    seen: Counter[str] = Counter()
+    out = []
+    for p in prompts:
+        h = messages_hash(request_messages(api, p))
+        out.append(seen[h])
+        seen[h] += 1
+    return out
+
+
 class Fetcher:
     """Fetch teacher responses through the durable cache, ``api.concurrency`` requests at a time.
 
-    Use as ``async with Fetcher(api) as f: results = await f.fetch_many(prompts)``. Results come
-    back in prompt order; duplicate prompts cost one request. ``retry_failed`` re-asks prompts
-    whose permanent failure is stored in the cache.
+    Use as ``async with Fetcher(api) as f: results = await f.fetch_many(prompts, samples)``.
+    Results come back in prompt order. A request is (prompt, sample index): the same pair asked
+    twice, in one call or across runs, costs one request; another sample of the prompt is a new
+    request. With ``api.dedup`` every sample index is 0. ``retry_failed`` re-asks prompts whose
+    permanent failure is stored in the cache.
     """
 
     def __init__(
@@ -156,24 +174,35 @@ class Fetcher:
         if self._own_cache:
             self.cache.close()
 
-    def keys(self, prompts: list) -> list[str]:
-        """Cache keys of prompts (strings or message lists) under this fetcher's config."""
-        return [self._key_of(request_messages(self.api, p)) for p in prompts]
+    def keys(self, prompts: list, samples: list[int] | None = None) -> list[str]:
+        """Cache keys of prompts (strings or message lists) and their sample indices (default
+        0) under this fetcher's config."""
+        samples = [0] * len(prompts) if samples is None else samples
+        return [
+            self._key_of(request_messages(self.api, p), k)
+            for p, k in zip(prompts, samples, strict=True)
+        ]
 
-    def _key_of(self, messages: list[dict]) -> str:
-        return request_key(self.api.model, messages, self.params)
+    def _key_of(self, messages: list[dict], sample: int) -> str:
+        return request_key(self.api.model, messages, self.params, 0 if self.api.dedup else sample)
 
     async def fetch_many(
-        self, prompts: list, on_result: Callable[[Result], None] | None = None
+        self,
+        prompts: list,
+        samples: list[int] | None = None,
+        on_result: Callable[[Result], None] | None = None,
     ) -> list[Result]:
         """Results for ``prompts`` (strings or message lists), in order; cached ones cost nothing.
 
-        ``on_result`` is called once per prompt as its result arrives. Raises TeacherError when
-        the fetch cannot go on; a prompt stopped by the budget fails with its reason.
+        ``samples``: each prompt's sample index (default all 0: repeats of a prompt share one
+        response), e.g. from :func:`occurrence_indices`. ``on_result`` is called once per prompt
+        as its result arrives. Raises TeacherError when the fetch cannot go on; a prompt stopped
+        by the budget fails with its reason.
         """
         await self.start()
         msgs = [request_messages(self.api, p) for p in prompts]
-        keys = [self._key_of(m) for m in msgs]
+        samples = [0] * len(prompts) if samples is None else samples
+        keys = [self._key_of(m, k) for m, k in zip(msgs, samples, strict=True)]
         stored = self.cache.get_many(keys)
         futures = []
         for key, m in zip(keys, msgs, strict=True):
@@ -379,8 +408,9 @@ class Fetcher:
 class TeacherFetcher:
     """Async Ray actor around :class:`Fetcher` for streaming teacher responses during training.
 
-    The driver calls ``submit(batch_id, prompts)`` for upcoming batches (returns at once) and
-    ``get(batch_id)`` when it needs them, so it waits only when the API is slower than training.
+    The driver calls ``submit(batch_id, prompts, samples)`` for upcoming batches (returns at
+    once) and ``get(batch_id)`` when it needs them, so it waits only when the API is slower than
+    training.
     The key is read from the actor process's environment.
     """
 
@@ -395,12 +425,12 @@ class TeacherFetcher:
         await self.fetcher.start()
         return self.fetcher.stats()
 
-    async def submit(self, batch_id, prompts: list) -> None:
-        """Start fetching a batch in the background."""
+    async def submit(self, batch_id, prompts: list, samples: list[int] | None = None) -> None:
+        """Start fetching a batch (prompts and their sample indices) in the background."""
         if batch_id in self.batches:
             raise ValueError(f"teacher batch {batch_id!r} was already submitted")
         await self.fetcher.start()
-        self.batches[batch_id] = asyncio.ensure_future(self.fetcher.fetch_many(prompts))
+        self.batches[batch_id] = asyncio.ensure_future(self.fetcher.fetch_many(prompts, samples))
 
     async def get(self, batch_id) -> list[Result]:
         """The results of a submitted batch (waits for the missing ones)."""

@@ -60,6 +60,11 @@ def test_request_key_depends_on_model_messages_and_params():
     assert base != request_key("m2", MSGS, PARAMS)
     assert base != request_key("m", [{"role": "user", "content": "other"}], PARAMS)
     assert base != request_key("m", MSGS, {**PARAMS, "temperature": 0.5})
+    # each sample index is its own key; sample 0 is the key without one
+    samples = [request_key("m", MSGS, PARAMS, k) for k in range(3)]
+    assert samples[0] == base and len(set(samples)) == 3
+    with pytest.raises(ValueError, match="sample index must be >= 0"):
+        request_key("m", MSGS, PARAMS, -1)
     # the messages hash is the synthetic server's per-prompt key
     assert messages_hash(MSGS) == prompt_hash(MSGS)
 

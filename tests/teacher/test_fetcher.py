@@ -41,10 +41,10 @@ def _with_budget(api: TeacherAPIConfig, **budget) -> TeacherAPIConfig:
     return TeacherAPIConfig.model_validate({**api.model_dump(), "budget": budget})
 
 
-def _fetch(api, prompts, **kw):
+def _fetch(api, prompts, samples=None, **kw):
     async def run():
         async with Fetcher(api, **kw) as f:
-            return await f.fetch_many(prompts), f.stats()
+            return await f.fetch_many(prompts, samples), f.stats()
 
     return asyncio.run(run())
 
@@ -80,11 +80,27 @@ def test_600_requests_with_injected_faults_store_exactly_one_response_each(tmp_p
         assert [r.text for r in again] == [r.text for r in results] and all(r.cached for r in again)
 
 
-def test_duplicate_prompts_cost_one_request(tmp_path):
+def test_a_request_is_a_prompt_and_its_sample_index(tmp_path):
     with start_server_thread() as server:
-        results, stats = _fetch(_api(server, tmp_path), ["same prompt"] * 5 + ["other"])
-        assert server.stats()["total_requests"] == 2 and stats["submitted"] == 2
-        assert len({r.text for r in results[:5]}) == 1 and all(r.status == "ok" for r in results)
+        api = _api(server, tmp_path)
+        prompts = ["same prompt"] * 6 + ["other"]
+        same = messages_hash(request_messages(api, "same prompt"))
+        # samples 0, 1, 2 are three requests; each asked twice in one call is still one
+        results, stats = _fetch(api, prompts, [0, 1, 2, 0, 1, 2, 0])
+        st = server.stats()
+        assert st["total_requests"] == 4 and st["per_prompt"][same] == 3
+        assert stats["submitted"] == 4 and all(r.status == "ok" for r in results)
+        keys = [r.key for r in results]
+        assert len(set(keys[:3])) == 3 and keys[3:6] == keys[:3]
+        # without sample indices every repeat is sample 0: all cached now
+        again, stats = _fetch(api, prompts)
+        assert server.stats()["total_requests"] == 4 and stats["cached"] == 7
+        assert {r.key for r in again[:6]} == {keys[0]}
+        # teacher.api.dedup=true ignores the sample indices
+        deduped = api.model_copy(update={"dedup": True})
+        again, stats = _fetch(deduped, prompts, [0, 1, 2, 3, 4, 5, 0])
+        assert server.stats()["total_requests"] == 4 and stats["cached"] == 7
+        assert {r.key for r in again[:6]} == {keys[0]}
 
 
 def test_permanent_failures_are_stored_with_reason_and_not_retried(tmp_path):
