@@ -408,11 +408,12 @@ class Driver:
         ckpt = st.checkpoint_dir(self.run_dir, step)
         try:
             self.write_checkpoint(ckpt, step)
-        except BaseException as err:  # never leave a partial checkpoint behind
+        except Exception as err:  # never leave a partial checkpoint behind
             shutil.rmtree(ckpt, ignore_errors=True)
-            if isinstance(err, OSError) or isinstance(err.__cause__, OSError):  # a failed write
-                raise CheckpointError(f"could not write checkpoint {ckpt}: {err}") from err
-            raise  # e.g. a role died while saving: restartable
+            died = ray.exceptions.RayActorError
+            if isinstance(err, died) or isinstance(err.__cause__, died):
+                raise  # a role died while saving: restartable
+            raise CheckpointError(f"could not write checkpoint {ckpt}: {err}") from err
         st.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
         return ckpt
 

@@ -162,7 +162,11 @@ class TeacherData:
             self.waits += 1
             time.sleep(delay)
             delay = min(2 * delay, api.backoff_max_s)
-            self.fetcher.submit.remote(self.next_id, [batch[i].messages for i in missing])
+            self.fetcher.submit.remote(
+                self.next_id,
+                [batch[i].messages for i in missing],
+                [batch[i].meta["teacher_sample"] for i in missing],
+            )
             again = ray.get(self.fetcher.get.remote(self.next_id))
             self.next_id += 1
             for i, r in zip(missing, again, strict=True):
