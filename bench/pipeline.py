@@ -16,6 +16,11 @@ Projected: the same pipeline model (the formulas in :func:`project`) fed with th
 of the 7B recipe on GPUs (:data:`SEVEN_B`, with their inputs stated there: a FLOP and decode
 model, not a measurement).
 
+Generator path (``--generator-path``): 16 prompts x 4 samples x 16 tokens on ``tiny:small``:
+vLLM generation + G's GRPO update (KL to the reference) + the weight sync, against the same GRPO
+step in one process (HF ``generate``, then the policy and reference passes, AdamW), both timed in
+this run.
+
 Run: ``python bench/pipeline.py`` (~6 min on 2 cores). ``--steps``, ``--set KEY=VALUE``.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +132,98 @@ def _seven_b() -> dict[str, float]:
 SEVEN_B = _seven_b()
 
 
+def _logp(model: Any, batch: Any, temperature: float) -> Any:
+    """The single-process baseline's log-probs of the batch's tokens at ``temperature``."""
+    import torch.nn.functional as F
+
+    from gad_ray.algorithms import token_logprobs
+
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return F.pad(token_logprobs(logits[:, :-1], batch.input_ids[:, 1:], temperature), (1, 0))
+
+
+def generator_path(repeats: int = 5) -> dict[str, float]:
+    """Median seconds of each part of the generator path, ours and single-process."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gad_ray.algorithms import aggregate_loss, kl_penalty, ppo_clip_loss
+    from gad_ray.config.hydra_app import compose
+    from gad_ray.data.batch import make_batch
+    from gad_ray.driver.setup import cpus_per_actor
+    from gad_ray.learner.generator import GeneratorGroup
+    from gad_ray.models.loading import resolve_model_path
+    from gad_ray.rollout.group import RolloutGroup
+
+    cfg = compose(["experiment=tiny_cpu", "algorithm.grpo.n_samples=4", "trainer.run_dir=/tmp/gp"])
+    path = resolve_model_path(cfg.model.student.path)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randint(12, 24))] for _ in range(16)]
+    n, t = 4, 0.8
+    sets = [("rollout", "generator")]
+    rollout = RolloutGroup(cfg, path, cpus_per_actor(cfg, "rollout", sets))
+    gen = GeneratorGroup(cfg, path, cpus_per_rank=cpus_per_actor(cfg, "generator", sets))
+    ours: dict[str, list[float]] = {"generate": [], "g_update": [], "weight_sync": []}
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        samples = rollout.generate(prompts, n, t, 1.0, 16, seed=0)
+        t1 = time.perf_counter()
+        batch = make_batch(
+            [prompts[s.prompt_index] for s in samples], [s.token_ids for s in samples], 0
+        )
+        gen.train_grpo(batch, torch.randn(len(samples)))
+        t2 = time.perf_counter()
+        gen.sync_weights(rollout.workers)
+        t3 = time.perf_counter()
+        for k, seconds in zip(ours, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            ours[k].append(seconds)
+    rollout.shutdown()
+    gen.shutdown()
+
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    single: dict[str, list[float]] = {"generate": [], "g_update": []}
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        rows = []
+        with torch.no_grad():
+            for p in prompts:
+                out = model.generate(
+                    torch.tensor([p] * n),
+                    do_sample=True,
+                    temperature=t,
+                    top_k=0,
+                    max_new_tokens=16,
+                    min_new_tokens=16,
+                )
+                rows += [(p, r[len(p) :].tolist()) for r in out]
+        t1 = time.perf_counter()
+        batch = make_batch([p for p, _ in rows], [r for _, r in rows], 0)
+        mask, adv = batch.response_mask, torch.randn(len(rows))[:, None] * batch.response_mask
+
+        new = _logp(model, batch, t)
+        with torch.no_grad():
+            old_ref = _logp(ref, batch, t)
+        pg, _ = ppo_clip_loss(new, new.detach(), adv, mask)
+        kl = aggregate_loss(kl_penalty(new, old_ref), mask, "token-mean")
+        loss = aggregate_loss(pg, mask, "token-mean") + 0.001 * kl
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        single["generate"].append(t1 - t0)
+        single["g_update"].append(time.perf_counter() - t1)
+    med = lambda xs: statistics.median(xs[1:])  # noqa: E731 (the first is a warm-up)
+    out = {f"ours {k}": med(v) for k, v in ours.items()}
+    out["ours total"] = sum(out.values())
+    out |= {f"single-process {k}": med(v) for k, v in single.items()}
+    out["single-process total"] = out["single-process generate"] + out["single-process g_update"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8, help="GAD steps per mode")
@@ -135,9 +233,24 @@ def main() -> None:
     ap.add_argument("--d-cores", type=int, nargs="+", default=[1])
     ap.add_argument("--out", default="outputs/bench_pipeline")
     ap.add_argument("--set", action="append", default=[], help="a Hydra override, repeatable")
+    ap.add_argument("--generator-path", action="store_true", help="only the generator path")
     args = ap.parse_args()
 
     import ray
+
+    if args.generator_path:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        try:
+            parts = generator_path()
+        finally:
+            ray.shutdown()
+        print("\ngenerator path, 16 prompts x 4 samples x 16 tokens, tiny:small (median s)\n")
+        print("| part | seconds |\n|---|---:|")
+        for k, v in parts.items():
+            print(f"| {k} | {v:.3f} |")
+        ratio = parts["ours total"] / parts["single-process total"]
+        print(f"\nours / single-process: {ratio:.2f}")
+        return
 
     separate = not set(args.g_cores) & set(args.d_cores)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
