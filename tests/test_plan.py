@@ -173,7 +173,7 @@ def test_gad_train_plan_only_prints_the_plan_and_exits_by_the_verdict(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "0    0     vLLM worker 0, G rank 0, D rank 0" in out.stdout
     assert "GPUs 0-7, peak GiB per phase:" in out.stdout
-    assert "Fits: the peak is 68.1 GiB (G update on GPUs 0-7) of 80.0 GiB" in out.stdout
+    assert "Fits: the peak is 61.2 GiB (G update on GPUs 0-7) of 80.0 GiB" in out.stdout
     out = _gad_train(
         "experiment=qwen2.5-7b_gpt5chat", "plan_only=true", "learner.offload_idle=false",
         cwd=tmp_path,

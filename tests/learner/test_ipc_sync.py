@@ -26,7 +26,9 @@ def test_each_rank_sends_to_its_workers_by_ipc(ray_session, tiny_model_dir, lh):
         init = load_causal_lm(str(tiny_model_dir)).state_dict()
         assert any(not torch.equal(v, init[k]) for k, v in masters.items())  # the step moved G
         stats = group.sync_weights(workers)  # rank 0 -> workers 0 and 2, rank 1 -> worker 1
-        assert stats["bytes"] == 4 * sum(v.numel() for v in masters.values())  # rank 0: all of G
+        tied = masters["model.embed_tokens.weight"].numel()  # sent again as lm_head.weight
+        full = sum(v.numel() for v in masters.values()) + tied
+        assert stats["bytes"] == 4 * full  # rank 0: all of G
         received = ray.get([w.__ray_call__.remote(lambda w: w.model.state_dict()) for w in workers])
         for i, got in enumerate(received):
             for k, v in masters.items():
