@@ -26,8 +26,15 @@ def gpu_ray():
 
 
 def _cfg(*extra):
-    return compose(["model=tiny", "cluster.gpus_per_node=4", "data.max_prompt_length=64",
-                    "data.max_response_length=16", *extra])
+    return compose(
+        [
+            "model=tiny",
+            "cluster.gpus_per_node=4",
+            "data.max_prompt_length=64",
+            "data.max_response_length=16",
+            *extra,
+        ]
+    )
 
 
 def _gpus_by_role(placements):
@@ -41,9 +48,13 @@ def _gpus_by_role(placements):
 
 
 def test_disaggregated_gives_each_role_its_own_gpus(gpu_ray):
-    cfg = _cfg("cluster.placement=disaggregated", "rollout.num_workers=1",
-               "rollout.tensor_parallel_size=2", "learner.generator_ranks=1",
-               "learner.discriminator_ranks=1")
+    cfg = _cfg(
+        "cluster.placement=disaggregated",
+        "rollout.num_workers=1",
+        "rollout.tensor_parallel_size=2",
+        "learner.generator_ranks=1",
+        "learner.discriminator_ranks=1",
+    )
     placements = plan_placement(cfg, GAD)
     try:
         gpus = _gpus_by_role(placements)
@@ -55,9 +66,13 @@ def test_disaggregated_gives_each_role_its_own_gpus(gpu_ray):
 
 
 def test_colocated_puts_rank_i_of_every_role_on_gpu_i(gpu_ray):
-    cfg = _cfg("cluster.placement=colocated", "rollout.num_workers=4",
-               "learner.generator_ranks=4", "learner.discriminator_ranks=4",
-               "learner.micro_batch_size=1")
+    cfg = _cfg(
+        "cluster.placement=colocated",
+        "rollout.num_workers=4",
+        "learner.generator_ranks=4",
+        "learner.discriminator_ranks=4",
+        "learner.micro_batch_size=1",
+    )
     placements = plan_placement(cfg, GAD)
     try:
         gpus = _gpus_by_role(placements)
@@ -68,9 +83,14 @@ def test_colocated_puts_rank_i_of_every_role_on_gpu_i(gpu_ray):
 
 
 def test_too_few_gpus_is_a_config_error_naming_the_keys(gpu_ray):
-    cfg = _cfg("cluster.placement=disaggregated", "rollout.num_workers=2",
-               "rollout.tensor_parallel_size=2", "learner.generator_ranks=2",
-               "learner.discriminator_ranks=1", "learner.micro_batch_size=1")
+    cfg = _cfg(
+        "cluster.placement=disaggregated",
+        "rollout.num_workers=2",
+        "rollout.tensor_parallel_size=2",
+        "learner.generator_ranks=2",
+        "learner.discriminator_ranks=1",
+        "learner.micro_batch_size=1",
+    )
     with pytest.raises(ConfigError, match=r"needs 7 GPUs .* cluster.gpus_per_node = 4"):
         plan_placement(cfg, GAD)
     with pytest.raises(ConfigError, match="tensor_parallel_size=2"):

@@ -72,11 +72,14 @@ class Driver:
         self.starts = [sum(s.steps for s in self.stages[:i]) for i in range(len(self.stages))]
         self.total_steps = sum(s.steps for s in self.stages)
         self.state: dict[str, Any] = {}  # a recipe's own state, saved with each checkpoint
-        self.versions: dict[str, int] = {}  # updates per learner role; rollout roles: what they serve
+        self.versions: dict[
+            str, int
+        ] = {}  # updates per learner role; rollout roles: what they serve
         self.times: dict[str, float] = {}
         self.pending: tuple[int, Future, int] | None = None  # (step, samples future, version)
         self.stop_requested = False
         self.events: list[tuple[str, dict]] = []  # logged when the next run starts
+        self.logger: MetricsLogger | None = None
         self.start_data, self.start_rng = self.data.state_dict(), st.rng_state()
         self.resume_ckpt = self.initial_ckpt = st.find_resume_checkpoint(cfg, self.run_dir)
         self.step = st.read_trainer_state(self.resume_ckpt)["step"] if self.resume_ckpt else 0
@@ -173,7 +176,8 @@ class Driver:
         start): the steps since are replayed from the saved state and RNG."""
         done = st.complete_checkpoints(self.run_dir)
         ckpt = done[-1] if done else self.initial_ckpt
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
         print(
             f"\n{type(err).__name__}: {err}\nrestart {n} of {self.cfg.trainer.max_restarts}: "
             f"rebuilding every role from {ckpt or 'the start'}"
@@ -323,7 +327,9 @@ class Driver:
             redo = again.samples + self.regenerate(s, x, again)
         return sorted(lost.samples + redo, key=lambda smp: smp.prompt_index)
 
-    def launch(self, s: Sampling, examples: list[TokenizedExample], step: int) -> tuple[Future, int]:
+    def launch(
+        self, s: Sampling, examples: list[TokenizedExample], step: int
+    ) -> tuple[Future, int]:
         """Push the policy's new weights to the rollout workers (waking them first when they
         sleep), then start generating ``examples``' samples on the rollout's own thread."""
         rollout = self.roles[s.rollout]

@@ -187,9 +187,7 @@ class TeacherData:
                 dataclasses.replace(ex, response=r.text, response_ids=ids, response_truncated=cut)
             )
         if not out:
-            raise TeacherError(
-                f"no teacher response for any prompt {where}: {results[0].error}"
-            )
+            raise TeacherError(f"no teacher response for any prompt {where}: {results[0].error}")
         return out
 
     def state_dict(self) -> dict:

@@ -56,9 +56,7 @@ def module(name: str) -> ModuleType:
 NOMINAL_EPOCH = 1000  # steps per epoch when only the recipe's structure is wanted
 
 
-def build(
-    cfg: Config, steps_per_epoch: int = NOMINAL_EPOCH, run_dir: Path | str = "."
-) -> Recipe:
+def build(cfg: Config, steps_per_epoch: int = NOMINAL_EPOCH, run_dir: Path | str = ".") -> Recipe:
     """``cfg.algorithm.name``'s recipe for data of ``steps_per_epoch`` batches (without data:
     a nominal epoch, for the stages' roles and sampling)."""
     return module(cfg.algorithm.name).recipe(cfg, steps_per_epoch, Path(run_dir))

@@ -57,9 +57,7 @@ def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
     return steps if w.max_steps is None else min(steps, w.max_steps)
 
 
-def recipe(
-    cfg: Config, steps_per_epoch: int, run_dir: Path, train_d_in_gad: bool = True
-) -> Recipe:
+def recipe(cfg: Config, steps_per_epoch: int, run_dir: Path, train_d_in_gad: bool = True) -> Recipe:
     alg, g = cfg.algorithm, cfg.algorithm.grpo
     sampling = Sampling(g.n_samples, g.temperature, g.top_p)
     warmup = warmup_steps(cfg, steps_per_epoch)
@@ -146,7 +144,11 @@ def score_and_advantages(d: Any, x: StepInput) -> tuple[Tensor, Tensor, dict[str
     with d.timer("score", role="discriminator"):
         rewards = d.roles["discriminator"].score(x.student)
     advantages = grpo_advantages(rewards, x.pairs, d.cfg.algorithm.grpo.norm_adv_by_std)
-    return rewards, advantages, sample_stats(x.samples, x.teacher) | reward_stats(rewards, advantages)
+    return (
+        rewards,
+        advantages,
+        sample_stats(x.samples, x.teacher) | reward_stats(rewards, advantages),
+    )
 
 
 def d_steps(disc: Any, x: StepInput, k: int) -> dict[str, float]:

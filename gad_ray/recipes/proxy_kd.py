@@ -156,4 +156,3 @@ def weight_stats(weights: torch.Tensor, confidence: torch.Tensor) -> dict[str, f
         "w_p90": q[2].item(),
         "proxy_teacher_loglik": confidence.mean().item(),
     }
-
