@@ -82,7 +82,13 @@ def test_ray_job_submit_runs_a_tiny_job(tmp_path):
             "gad-train",
             *tiny_overrides(run_dir, "algorithm.gad.steps=1", "cluster.log_to_driver=false"),
         ]
-        out = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        for _ in range(30):  # the head's job agent registers a little after its API answers
+            out = subprocess.run(
+                submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+            )
+            if "No available agent to submit job" not in out.stderr:
+                break
+            time.sleep(2)
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)
