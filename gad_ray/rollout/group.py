@@ -18,6 +18,8 @@ class RolloutGroup(AsyncCalls):
     ``generate`` splits a batch across the workers (balanced by prompt length + max_tokens,
     each sample's token count) and returns the samples prompt-major in prompt order.
     ``workers`` are the actor handles for :func:`gad_ray.rollout.weight_sync.send_weights`.
+    With ``model.student.lora.rank`` > 0 they load ``model_path`` as the base once and serve
+    the adapter versions the generator sends (README "Fewer GPUs: LoRA").
     """
 
     def __init__(
@@ -41,7 +43,7 @@ class RolloutGroup(AsyncCalls):
         self.workers = [
             ray.remote(cls)
             .options(runtime_env=env, **placement.options(i))
-            .remote(model_path, rc, spec.dtype, spec.max_context, cfg.seed + i)
+            .remote(model_path, rc, spec.dtype, spec.max_context, cfg.seed + i, spec.lora.rank)
             for i in range(rc.num_workers)
         ]
         self.info = ray.get([w.health.remote() for w in self.workers])  # waits for start-up
