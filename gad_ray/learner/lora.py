@@ -111,9 +111,7 @@ def peft_key(name: str, adapter: str) -> str:
     """peft's saved name of adapter parameter ``name`` (``base_model.model.<module>.lora_A.
     weight``): the part from ``base_model.`` on, without the adapter's name."""
     key = name[name.index("base_model.") :]
-    return key.replace(f".lora_A.{adapter}.", ".lora_A.").replace(
-        f".lora_B.{adapter}.", ".lora_B."
-    )
+    return key.replace(f".lora_A.{adapter}.", ".lora_A.").replace(f".lora_B.{adapter}.", ".lora_B.")
 
 
 def relative_key(key: str) -> str:
@@ -289,6 +287,8 @@ def export_lora(
         return
     save_adapter(path, {k: v.to(dtype) for k, v in lora.items()}, config)
     if other:
-        save_file({k: v.to(dtype).contiguous() for k, v in other.items()}, f"{path}/trained.safetensors")
+        save_file(
+            {k: v.to(dtype).contiguous() for k, v in other.items()}, f"{path}/trained.safetensors"
+        )
     write_base_pointer(path, config["base_model_name_or_path"], {adapter: spec})
     tokenizer.save_pretrained(path)
