@@ -46,6 +46,7 @@ from gad_ray.learner.lora import (
     copy_adapter,
     export_lora,
     is_adapter_param,
+    is_base_param,
     is_lora_param,
     peft_key,
 )
@@ -315,8 +316,8 @@ class GeneratorWorker(LearnerWorker):
         (peft's adapter directory + a pointer to the base)."""
         spec = self.cfg.model.student
         keep = None
-        if self.lora_specs:  # the base and G's adapter (not the reference's, nor D's)
-            keep = lambda n: is_adapter_param(n, GENERATOR) or not is_lora_param(n)  # noqa: E731
+        if self.lora_specs:  # the base and G's adapter (not the reference's, nor D's + head)
+            keep = lambda n: is_adapter_param(n, GENERATOR) or is_base_param(n)  # noqa: E731
         with self.onloaded():
             state = self.engine.full_state_dict(None if keep else self.engine.dtype, keep)
             adapter = adapter_config(self.engine.module, GENERATOR, self.model_path) if keep else {}

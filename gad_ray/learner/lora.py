@@ -107,6 +107,11 @@ def is_lora_param(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
+def is_base_param(name: str) -> bool:
+    """Whether ``name`` is a weight of the peft-wrapped base (not an adapter, not D's head)."""
+    return "base_model.model." in name and not is_lora_param(name)
+
+
 def peft_key(name: str, adapter: str) -> str:
     """peft's saved name of adapter parameter ``name`` (``base_model.model.<module>.lora_A.
     weight``): the part from ``base_model.`` on, without the adapter's name."""
@@ -158,7 +163,7 @@ def split_state(
     for name, t in state.items():
         if is_adapter_param(name, adapter):
             lora[peft_key(name, adapter)] = t
-        elif "base_model.model." in name and not is_lora_param(name):
+        elif is_base_param(name):
             base[base_name(name)] = t
         elif not is_lora_param(name):
             other[name] = t
