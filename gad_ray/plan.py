@@ -503,7 +503,8 @@ def _header(cfg: Config) -> list[str]:
         spec = (cfg.model.student if lr.key == "G" else cfg.model.discriminator).lora
         trained = "fp32 master weights + AdamW"
         if lr.adapter:
-            on = "G's base (learner.shared_base)" if lr.shared and lr.key == "D" else "a frozen base"
+            shared_d = lr.shared and lr.key == "D"
+            on = "G's base (learner.shared_base)" if shared_d else "a frozen base"
             trained = f"LoRA r={spec.rank} on {on}: {_count(lr.adapter)} fp32 masters + AdamW"
         out += [
             f"  {lr.key}: {what}, {_count(lr.params)} params ({sh.layers} layers, hidden "

@@ -46,7 +46,14 @@ def _count(n: float) -> str:
 
 
 def lora_resident(
-    key: str, n: int, base: int, adapter: int, c: int, reference: bool, holds_base: bool, zero2: bool
+    key: str,
+    n: int,
+    base: int,
+    adapter: int,
+    c: int,
+    reference: bool,
+    holds_base: bool,
+    zero2: bool,
 ) -> dict[str, float]:
     """What a LoRA learner rank holds on GPU between its steps (module docstring)."""
     out = {}

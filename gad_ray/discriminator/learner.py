@@ -111,7 +111,9 @@ class DiscriminatorWorker(LearnerWorker):
         with self.onloaded():
             lora = self.lora_specs
             state = self.engine.full_state_dict(None if lora else self.engine.dtype)
-            config = adapter_config(self.engine.module, DISCRIMINATOR, self.model_path) if lora else {}
+            config = (
+                adapter_config(self.engine.module, DISCRIMINATOR, self.model_path) if lora else {}
+            )
         if self.rank == 0:
             tok = load_tokenizer(self.tokenizer_path)
             cls = AutoModelForSequenceClassification

@@ -122,9 +122,7 @@ def _named_full(
                 yield name, p.detach().clone()
 
 
-def _named_masters(
-    engine: Any, keep: Selector | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+def _named_masters(engine: Any, keep: Selector | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The optimizer's full fp32 master of each trained parameter, one at a time (collective);
     the module parameter itself where ZeRO keeps no separate master (frozen ones); those
     ``keep`` picks (default all)."""
