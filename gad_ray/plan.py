@@ -47,6 +47,8 @@ T: tokens per micro batch (``learner.max_tokens_per_micro_batch``, else ``micro_
 - 1.5 GiB per process on the GPU (CUDA context ~0.5 GiB, NCCL and cuBLAS workspaces, allocator
   fragmentation); an awake vLLM's is inside its share.
 
+LoRA learners (``model.*.lora.rank`` > 0): the terms of :mod:`gad_ray.plan_lora`.
+
 The terms are summed as if they all peaked at once, an upper bound, except for padding: a
 token budget counts real tokens, and a micro batch is padded to its longest row.
 """
@@ -66,6 +68,7 @@ from gad_ray import recipes
 from gad_ray.config.schema import Config, ConfigError
 from gad_ray.models.shapes import ModelShape, model_shape
 from gad_ray.placement import pool, role_sizes
+from gad_ray.plan_lora import adapter_params, lora_resident, lora_update
 
 GiB = 2**30
 PROCESS_OVERHEAD = 1.5 * GiB  # per process holding a GPU
@@ -93,6 +96,8 @@ class Learner:
     checkpointing: bool
     logits: int  # bytes per token and vocabulary entry (0: no LM head)
     reference: bool
+    adapter: int = 0  # LoRA: trained adapter (+ head) parameters; 0: full fine-tuning
+    shared: bool = False  # learner.shared_base: G and D are one group on one base (G holds it)
 
 
 @dataclass
@@ -169,10 +174,15 @@ def learners(cfg: Config) -> list[Learner]:
     sh = _shape(s.path)
     dh = sh if d.path == "student" else _shape(d.path)
 
+    shared = lc.shared_base and has_d
+
     def one(key, ranks, params, root, shape, spec, logits, ref) -> Learner:
         unit = root + 2 * shape.layer_params
         c, ckpt = compute_bytes(cfg, spec.dtype), spec.gradient_checkpointing
-        return Learner(key, f"{key} update", ranks, params, unit, shape, c, ckpt, logits, ref)
+        a = adapter_params(shape, spec.lora) + (shape.hidden if key == "D" else 0)
+        a = a if spec.lora.enabled else 0
+        args = (ranks, params, unit, shape, c, ckpt, logits, ref, a, shared)
+        return Learner(key, f"{key} update", *args)
 
     logits = (16 if cfg.algorithm.grpo.entropy_coef else 12) if grpo else 8
     g = one("G", lc.generator_ranks, sh.params, sh.root_params, sh, s, logits, grpo)
@@ -186,6 +196,9 @@ def _resident(lr: Learner, cfg: Config) -> dict[str, float]:
     """What a learner rank holds on GPU between steps (unless ``learner.offload_idle``)."""
     lc, k, n, p, c = cfg.learner, lr.key, lr.ranks, lr.params, lr.c
     ds, zero2 = lc.backend == "deepspeed", lc.backend == "deepspeed" and lc.zero_stage == 2
+    if lr.adapter:
+        holds = not (lr.shared and k == "D")
+        return lora_resident(k, n, p, lr.adapter, c, lr.reference, holds, zero2)
     per = f"{_count(p)} / {n}"
     out = {}
     if not (lc.optimizer_offload or (lc.param_offload and not ds)):
@@ -205,14 +218,17 @@ def _update(lr: Learner, cfg: Config, tokens: int) -> dict[str, float]:
     lc, k, n, p, c = cfg.learner, lr.key, lr.ranks, lr.params, lr.c
     ds, zero2 = lc.backend == "deepspeed", lc.backend == "deepspeed" and lc.zero_stage == 2
     out = {}
-    if not (lc.optimizer_offload or (lc.param_offload and not ds)):
+    if lr.adapter:
+        out = lora_update(k, n, lr.adapter, c, lr.unit, lr.shape.layers, zero2)
+    elif not (lc.optimizer_offload or (lc.param_offload and not ds)):
         out[f"{k} fp32 gradients, 4 B x {_count(p)} / {n}"] = 4 * p / n
-    if not zero2:
+    if not zero2 and not lr.adapter:
         copies = 2 if lr.reference else 1
         what = ", + reference" if lr.reference else ""
         out[f"{k} gathered weights, {c} B x (root + 2 layers){what}"] = c * lr.unit * copies
     g = c + 4 if c < 4 else 4
-    out[f"{k} unsharded gradients, {g} B x (root + 2 layers)"] = g * lr.unit
+    if not lr.adapter:
+        out[f"{k} unsharded gradients, {g} B x (root + 2 layers)"] = g * lr.unit
     how = "checkpointed" if lr.checkpointing else "no checkpointing"
     out[f"{k} activations, {tokens} tokens, {how}"] = activation_bytes(
         lr.shape, c, tokens, lr.checkpointing
@@ -227,16 +243,17 @@ def _update(lr: Learner, cfg: Config, tokens: int) -> dict[str, float]:
 def learner_bytes(lr: Learner, phase: str, cfg: Config, tokens: int) -> dict[str, float]:
     """A learner rank's terms on its GPU in ``phase``."""
     own = phase == lr.phase
-    out = {} if cfg.learner.offload_idle and not own else _resident(lr, cfg)
+    # a shared-base group is onloaded, base and both adapters, in either learner's update
+    held = own or (lr.shared and phase in ("D update", "G update"))
+    out = {} if cfg.learner.offload_idle and not held else _resident(lr, cfg)
     return out | (_update(lr, cfg, tokens) if own else {})
 
 
 def vllm_bytes(cfg: Config) -> tuple[float, float, float]:
     """Per GPU of an awake rollout worker: (its share, bf16 weights, KV cache) in bytes."""
-    r, sh = cfg.rollout, _shape(cfg.model.student.path)
-    weights = (
-        (4 if cfg.model.student.dtype == "float32" else 2) * sh.params / r.tensor_parallel_size
-    )
+    r, sh, lora = cfg.rollout, _shape(cfg.model.student.path), cfg.model.student.lora
+    c = 4 if cfg.model.student.dtype == "float32" else 2
+    weights = c * (sh.params + adapter_params(sh, lora)) / r.tensor_parallel_size  # + 1 adapter
     if r.kv_cache_memory_bytes:
         return weights + r.kv_cache_memory_bytes + VLLM_RUNTIME, weights, r.kv_cache_memory_bytes
     share = r.gpu_memory_utilization * cfg.cluster.gpu_memory_gib * GiB
@@ -310,7 +327,7 @@ def estimate(cfg: Config) -> tuple[tuple[str, ...], list[GPU]]:
                 procs += gpu.workers
             for lr in lrs:
                 if lr.key in gpu.learners:
-                    procs += 1
+                    procs += not (lr.shared and lr.key == "D")  # one process for both
                     terms |= learner_bytes(lr, phase, cfg, tokens)
             terms[OVERHEAD] = procs * PROCESS_OVERHEAD
             for label, b in terms.items():
@@ -483,11 +500,17 @@ def _header(cfg: Config) -> list[str]:
         sh, d = lr.shape, cfg.model.discriminator.path
         what = cfg.model.student.path if lr.key == "G" else "the student's backbone + scalar head"
         what = d if lr.key == "D" and d != "student" else what
+        spec = (cfg.model.student if lr.key == "G" else cfg.model.discriminator).lora
+        trained = "fp32 master weights + AdamW"
+        if lr.adapter:
+            shared_d = lr.shared and lr.key == "D"
+            on = "G's base (learner.shared_base)" if shared_d else "a frozen base"
+            trained = f"LoRA r={spec.rank} on {on}: {_count(lr.adapter)} fp32 masters + AdamW"
         out += [
             f"  {lr.key}: {what}, {_count(lr.params)} params ({sh.layers} layers, hidden "
             f"{sh.hidden}, vocab {sh.vocab})",
             f"     {_n(lr.ranks, backend + ' rank')}, {'bf16' if lr.c == 2 else 'fp32'} compute, "
-            f"fp32 master weights + AdamW, gradient checkpointing {'on' if lr.checkpointing else 'off'}",
+            f"{trained}, gradient checkpointing {'on' if lr.checkpointing else 'off'}",
         ]
     knobs = "".join(f", learner.{k}=true" for k in OFFLOAD_KNOBS if getattr(lc, k))
     by = "max_tokens_per_micro_batch" if lc.max_tokens_per_micro_batch else "micro_batch_size"

@@ -31,6 +31,27 @@ class _Strict(BaseModel):
 # model
 
 
+class LoraSpec(_Strict):
+    """LoRA adapters (``peft``) on the model's linear layers; ``rank: 0`` trains every weight.
+
+    With LoRA the base weights are frozen and held in the compute dtype; only the adapters (and
+    D's scalar head) are trained, as fp32 masters with their AdamW state (README "Fewer GPUs")."""
+
+    rank: int = Field(0, ge=0)  # 0: off (full fine-tuning)
+    alpha: float = Field(16.0, gt=0)  # the update is (alpha / rank) * B A
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # peft's target_modules: a list of module names, or "all-linear" (every linear layer of the
+    # decoder, not the LM head)
+    target_modules: list[str] | str = "all-linear"
+    # HF export (final/): "merged" writes a plain HF model (W + (alpha/rank) B A, vLLM loads it),
+    # "adapter" writes peft's adapter directory + a pointer to the base
+    export: Literal["merged", "adapter"] = "merged"
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 class ModelSpec(_Strict):
     """One causal LM: a local directory, a hub name, or ``tiny:<size>[-<arch>]`` (built locally)."""
 
@@ -41,6 +62,7 @@ class ModelSpec(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
     max_context: int | None = Field(None, gt=0)  # overrides the model's max_position_embeddings
+    lora: LoraSpec = LoraSpec()
 
 
 class DiscriminatorSpec(ModelSpec):
@@ -204,6 +226,10 @@ class LearnerConfig(_Strict):
     # the generator's frozen reference) to CPU, holding ~0 GPU memory while vLLM or the other
     # learner runs on the same GPUs (colocated placement; ignored on CPU).
     offload_idle: bool = False
+    # LoRA on one frozen base: ONE learner group holds the base once, G's adapter, D's adapter and
+    # scalar head, and the KL reference (G's adapter as warmup left it); it serves both the
+    # generator and the discriminator role (needs LoRA on both, D from the student, FSDP2)
+    shared_base: bool = False
 
 
 class TeacherBudget(_Strict):
@@ -447,6 +473,7 @@ def _combination_problems(cfg: Config):
                 f"{key}.dtype=float16: fp16 training needs loss scaling, which gad-ray does not "
                 "do; use bfloat16 (fp32 master weights, bf16 compute)"
             )
+    yield from _lora_problems(cfg, roles)
     if cfg.cluster.gpus_per_node == 0 and cfg.rollout.weight_sync == "nccl":
         yield "rollout.weight_sync=nccl needs GPUs (cluster.gpus_per_node=0)"
     if cfg.cluster.placement == "colocated" and cfg.rollout.weight_sync == "nccl":
@@ -465,6 +492,40 @@ def _combination_problems(cfg: Config):
                 else f"rollout.weight_sync=ipc needs cluster.placement=colocated (got "
                 f"{cfg.cluster.placement}): the rollout workers and G's ranks share GPUs"
             )
+
+
+def _lora_problems(cfg: Config, roles: set[str]):
+    """LoRA combinations that cannot run (README "Fewer GPUs: LoRA")."""
+    s, d, lrn = cfg.model.student, cfg.model.discriminator, cfg.learner
+    proxy = cfg.algorithm.proxy_kd.proxy
+    if proxy is not None and proxy.lora.enabled:
+        yield "algorithm.proxy_kd.proxy.lora.rank > 0: the Proxy-KD proxy trains every weight"
+    if d.lora.dropout:
+        yield (
+            f"model.discriminator.lora.dropout={d.lora.dropout}: D's BT step needs dropout 0 "
+            "(its no-grad and training passes must give the same scores, docs/algorithms.md §2.8)"
+        )
+    if not lrn.shared_base:
+        return
+    why = []
+    if not (s.lora.enabled and d.lora.enabled):
+        why.append("model.student.lora.rank and model.discriminator.lora.rank > 0 (LoRA on both)")
+    if d.path != "student":
+        why.append(f"model.discriminator.path=student (got {d.path!r})")
+    if d.dtype != s.dtype:
+        why.append(f"one compute dtype (model.*.dtype: {s.dtype} vs {d.dtype})")
+    if lrn.backend != "fsdp":
+        why.append(
+            "learner.backend=fsdp (one DeepSpeed engine steps all of its parameters with one "
+            "optimizer; G and D need AdamW steps and gradient clipping of their own)"
+        )
+    if "discriminator" in roles and lrn.generator_ranks != lrn.discriminator_ranks:
+        why.append(
+            f"learner.generator_ranks == learner.discriminator_ranks (got "
+            f"{lrn.generator_ranks} and {lrn.discriminator_ranks}: one group of ranks)"
+        )
+    if why:
+        yield "learner.shared_base=true needs " + "; ".join(why)
 
 
 def _format_error(err: ValidationError) -> str:

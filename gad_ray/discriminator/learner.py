@@ -11,6 +11,8 @@ shared by n pairs is forwarded once per pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForSequenceClassification
@@ -27,6 +29,13 @@ from gad_ray.discriminator.model import (
 from gad_ray.learner.checkpoint import export_hf
 from gad_ray.learner.engine import MASTER_DTYPE, build_engine, compute_dtype
 from gad_ray.learner.group import LearnerGroup
+from gad_ray.learner.lora import (
+    DISCRIMINATOR,
+    adapter_config,
+    add_adapters,
+    export_lora,
+    is_lora_param,
+)
 from gad_ray.learner.worker import LearnerWorker
 from gad_ray.models.loading import load_tokenizer, model_max_context
 from gad_ray.placement import RolePlacement
@@ -63,32 +72,56 @@ class DiscriminatorWorker(LearnerWorker):
 
     def setup(self) -> None:
         spec = self.cfg.model.discriminator
+        dtype = compute_dtype(spec, self.device)
+        lora = spec.lora.enabled  # the backbone frozen in the compute dtype, adapter + head fp32
         model = DiscriminatorModel.from_pretrained(
-            self.model_path, dtype=MASTER_DTYPE, seed=self.cfg.seed
+            self.model_path,
+            dtype=dtype if lora else MASTER_DTYPE,
+            seed=self.cfg.seed,
+            head_dtype=MASTER_DTYPE,
         )
+        saved = None
+        if lora:
+            self.lora_specs = {DISCRIMINATOR: spec.lora}
+            model.model = add_adapters(model.model, self.lora_specs, self.cfg.seed)
+            saved = lambda n: is_lora_param(n) or n.startswith("score.")  # noqa: E731
         self.hf_config = model.config
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optim = self.cfg.algorithm.discriminator_optim
-        dtype = compute_dtype(spec, self.device)
         self.engine = build_engine(
-            model, self.cfg.learner, optim, self.device, dtype, self.total_steps
+            model, self.cfg.learner, optim, self.device, dtype, self.total_steps, saved
         )
+
+    def scorer(self) -> Callable[..., torch.Tensor]:
+        """D's forward: ``(input_ids, attention_mask, response_mask) -> scores [B]``."""
+        return self.engine.module
 
     def row_values(self, mb: TokenBatch) -> torch.Tensor:
         """``D(x, y)`` [b, 1] of each row (the surrogate step's value)."""
-        return self.engine.module(
+        return self.scorer()(
             input_ids=mb.input_ids, attention_mask=mb.attention_mask, response_mask=mb.response_mask
         )[:, None]
 
     def save_pretrained(self, path: str) -> None:
         """HF ``ForSequenceClassification`` export (+ the student's tokenizer) by rank 0, in
-        the compute dtype."""
+        the compute dtype; with LoRA merged or as an adapter (``model.discriminator.lora.
+        export``)."""
+        spec = self.cfg.model.discriminator
         with self.onloaded():
-            state = self.engine.full_state_dict(self.engine.dtype)
+            lora = self.lora_specs
+            state = self.engine.full_state_dict(None if lora else self.engine.dtype)
+            config = (
+                adapter_config(self.engine.module, DISCRIMINATOR, self.model_path) if lora else {}
+            )
         if self.rank == 0:
             tok = load_tokenizer(self.tokenizer_path)
-            export_hf(path, state, self.hf_config, tok, AutoModelForSequenceClassification)
+            cls = AutoModelForSequenceClassification
+            if not lora:
+                export_hf(path, state, self.hf_config, tok, cls)
+            else:
+                args = (spec.lora, config, self.engine.dtype, tok, self.hf_config, cls, "model.")
+                export_lora(path, state, DISCRIMINATOR, *args)
         dist.barrier()
 
 

@@ -50,6 +50,24 @@ def last_response_index(response_mask: torch.Tensor) -> torch.Tensor:
     return t - 1 - response_mask.flip(1).argmax(dim=1)
 
 
+def head_scores(
+    hidden: torch.Tensor,
+    score: nn.Linear,
+    response_mask: torch.Tensor | None,
+    last_index: torch.Tensor | None,
+) -> torch.Tensor:
+    """Scores [B]: ``score`` at each row's ``last_index`` (default: its last response token)."""
+    if last_index is None:
+        if response_mask is None:
+            raise ValueError("DiscriminatorModel.forward needs response_mask or last_index")
+        last_index = last_response_index(response_mask)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    h = hidden[rows, last_index.to(hidden.device)]
+    # a fresh [B] tensor, not a view: FSDP2 hooks the root's output for its pre-backward
+    # all-gather, and an in-place op on a view of it would skip that hook
+    return score(h.to(score.weight.dtype)).squeeze(-1).clone()
+
+
 def discriminator_config(backbone_config: PretrainedConfig) -> PretrainedConfig:
     """The ``<Arch>ForSequenceClassification`` config (num_labels=1, dropout 0) of a backbone."""
     cfg = copy.deepcopy(backbone_config)
@@ -60,6 +78,17 @@ def discriminator_config(backbone_config: PretrainedConfig) -> PretrainedConfig:
         if hasattr(cfg, key):
             setattr(cfg, key, 0.0)
     return cfg
+
+
+def new_head(config: PretrainedConfig, seed: int) -> nn.Linear:
+    """A fresh fp32 ``Linear(hidden, 1, bias=False)`` drawn from N(0, initializer_range) with
+    ``seed`` (independent of the global RNG)."""
+    score = nn.Linear(config.hidden_size, 1, bias=False, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    std = getattr(config, "initializer_range", 0.02)
+    with torch.no_grad():
+        score.weight.copy_(torch.randn(score.weight.shape, generator=gen) * std)
+    return score
 
 
 def is_discriminator_dir(config: PretrainedConfig) -> bool:
@@ -82,28 +111,26 @@ class DiscriminatorModel(nn.Module):
         last_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores [B]: the head at ``last_index`` (default: the last response token of each row)."""
-        if last_index is None:
-            if response_mask is None:
-                raise ValueError("DiscriminatorModel.forward needs response_mask or last_index")
-            last_index = last_response_index(response_mask)
         hidden = self.model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        h = hidden[rows, last_index.to(hidden.device)]
-        # a fresh [B] tensor, not a view: FSDP2 hooks the root's output for its pre-backward
-        # all-gather, and an in-place op on a view of it would skip that hook
-        return self.score(h.to(self.score.weight.dtype)).squeeze(-1).clone()
+        return head_scores(hidden, self.score, response_mask, last_index)
 
     def gradient_checkpointing_enable(self) -> None:
         self.model.gradient_checkpointing_enable({"use_reentrant": False})
 
     @classmethod
     def from_pretrained(
-        cls, spec: str, dtype: torch.dtype = torch.float32, seed: int = 0
+        cls,
+        spec: str,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        head_dtype: torch.dtype | None = None,
     ) -> DiscriminatorModel:
         """Load a discriminator directory, or a causal LM's backbone plus a new head drawn from
-        N(0, initializer_range) with ``seed`` (independent of the global RNG)."""
+        N(0, initializer_range) with ``seed`` (independent of the global RNG); the head in
+        ``head_dtype`` (default ``dtype``)."""
+        head_dtype = head_dtype or dtype
         model_max_context(spec)  # raises ModelLoadError naming the spec when it cannot resolve
         path = resolve_model_path(spec)
         config = AutoConfig.from_pretrained(path)
@@ -113,15 +140,10 @@ class DiscriminatorModel(nn.Module):
             )
             if not isinstance(getattr(full, "score", None), nn.Linear):
                 raise ModelLoadError(f"{spec!r}: {type(full).__name__} has no linear `score` head")
-            return cls(full.model, full.score, discriminator_config(full.config))
+            return cls(full.model, full.score.to(head_dtype), discriminator_config(full.config))
         dconfig = discriminator_config(config)
         backbone = AutoModel.from_pretrained(path, config=dconfig, dtype=dtype)
-        score = nn.Linear(dconfig.hidden_size, 1, bias=False, dtype=dtype)
-        gen = torch.Generator().manual_seed(seed)
-        std = getattr(dconfig, "initializer_range", 0.02)
-        with torch.no_grad():
-            score.weight.copy_(torch.randn(score.weight.shape, generator=gen) * std)
-        return cls(backbone, score, dconfig)
+        return cls(backbone, new_head(dconfig, seed).to(head_dtype), dconfig)
 
     def save_pretrained(self, path: str, tokenizer: PreTrainedTokenizerBase) -> None:
         """Write the HF ``ForSequenceClassification`` directory (+ tokenizer)."""

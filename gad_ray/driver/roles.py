@@ -59,6 +59,9 @@ def preflight(cfg: Config, role_sets: list[tuple[str, ...]]) -> None:
         check_proxy_tokenizer(cfg)
 
 
+SHARED_ROLES = {"generator", "discriminator"}  # one group with learner.shared_base
+
+
 class Roles:
     """The live role groups of a run, built on demand (``ensure``) in their planned places."""
 
@@ -99,13 +102,20 @@ class Roles:
     def disjoint(self, a: str, b: str) -> bool:
         """Whether roles ``a`` and ``b`` run on devices of their own, so their calls can
         overlap: disaggregated GPUs. Colocated roles share GPUs; on a CPU-only cluster the
-        roles share the cores (each takes all of its share when it runs)."""
-        return self.on_gpus and not self.shared
+        roles share the cores (each takes all of its share when it runs); one group serving
+        both (``learner.shared_base``) shares its actors."""
+        return self.on_gpus and not self.shared and not self.same_group(a, b)
+
+    def same_group(self, a: str, b: str) -> bool:
+        """Whether one group serves roles ``a`` and ``b`` (G and D on a shared LoRA base)."""
+        return a != b and {a, b} <= SHARED_ROLES and self.cfg.learner.shared_base
 
     def ensure(self, names: tuple[str, ...]) -> list[str]:
         """Stop the groups not in ``names``, build the missing ones; return the new ones."""
         for name in [n for n in self.groups if n not in names]:
-            self.groups.pop(name).shutdown()
+            group = self.groups.pop(name)
+            if not any(g is group for g in self.groups.values()):
+                group.shutdown()
             self.asleep.discard(name)
             if not self.shared:
                 self.release_unused()
@@ -113,7 +123,8 @@ class Roles:
         if self.on_gpus and not self.shared and new:
             self.places |= plan_placement(self.cfg, tuple(new))
         for name in new:
-            self.groups[name] = self.build(name)
+            twin = next((g for n, g in self.groups.items() if self.same_group(n, name)), None)
+            self.groups[name] = twin if twin is not None else self.build(name, names)
         return new
 
     def check_cluster_gpus(self) -> None:
@@ -154,10 +165,19 @@ class Roles:
             if not any(r in self.groups for r in roles):
                 release({r: self.places.pop(r) for r in roles})
 
-    def build(self, name: str) -> Any:
-        """Start the group of role ``name`` with the recipe's options for it."""
+    def build(self, name: str, alive: tuple[str, ...] = ()) -> Any:
+        """Start the group of role ``name`` with the recipe's options for it; with
+        ``learner.shared_base`` and both G and D among the ``alive`` roles, the one group that
+        serves both (built with G's options, in G's place)."""
         from gad_ray.discriminator.learner import DiscriminatorGroup
         from gad_ray.learner.generator import GeneratorGroup
+        from gad_ray.learner.shared import SharedGroup
+
+        if name in SHARED_ROLES and SHARED_ROLES <= set(alive) and self.cfg.learner.shared_base:
+            name = "generator"
+            cfg, opts, place = self.cfg, dict(self.options.get(name, {})), self.places.get(name)
+            cpus = cpus_per_actor(cfg, name, self.role_sets) * self.cpu_scale
+            return SharedGroup(cfg, self.student_path, cpus_per_rank=cpus, placement=place, **opts)
         from gad_ray.learner.proxy import ProxyGroup, proxy_view
         from gad_ray.rollout.group import RolloutGroup
 
@@ -180,7 +200,7 @@ class Roles:
         raise ValueError(f"unknown role {name!r}")
 
     def shutdown(self) -> None:
-        for group in self.groups.values():
+        for group in {id(g): g for g in self.groups.values()}.values():
             group.shutdown()
         self.groups = {}
         release(self.places)

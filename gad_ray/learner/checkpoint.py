@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -24,9 +26,14 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedToken
 
 
 def _state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, frozen: dict[str, nn.Module]
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    frozen: dict[str, nn.Module],
+    keep: Callable[[str], bool] | None,
 ) -> dict[str, Any]:
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    if keep is not None:  # LoRA: the adapters (and D's head), not the frozen base
+        model_sd = {k: v for k, v in model_sd.items() if keep(k)}
     state = {"model": model_sd, "optim": optim_sd}
     for key, m in frozen.items():
         state[f"frozen.{key}"] = get_model_state_dict(m)
@@ -39,11 +46,12 @@ def save_sharded(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     frozen: dict[str, nn.Module],
+    keep: Callable[[str], bool] | None = None,
 ) -> None:
     """Collective: each rank writes its shards of model/optimizer/frozen models; rank 0 the
-    scheduler."""
+    scheduler. ``keep``: the model parameters to save, by name (default all)."""
     os.makedirs(path, exist_ok=True)
-    dcp.save(_state(model, optimizer, frozen), checkpoint_id=os.path.join(path, "dcp"))
+    dcp.save(_state(model, optimizer, frozen, keep), checkpoint_id=os.path.join(path, "dcp"))
     if dist.get_rank() == 0:
         torch.save(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
     dist.barrier()
@@ -55,15 +63,21 @@ def load_sharded(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     frozen: dict[str, nn.Module],
+    keep: Callable[[str], bool] | None = None,
 ) -> None:
-    """Collective inverse of :func:`save_sharded` (resharded to the current world size)."""
+    """Collective inverse of :func:`save_sharded` (resharded to the current world size); with
+    ``keep`` the other model parameters keep their values."""
     sched_file = os.path.join(path, "scheduler.pt")
     if not os.path.isfile(sched_file):
         raise FileNotFoundError(f"{path!r} is not a learner checkpoint: {sched_file!r} is missing")
-    state = _state(model, optimizer, frozen)
+    state = _state(model, optimizer, frozen, keep)
     dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(strict=keep is None),
     )
     for key, m in frozen.items():
         set_model_state_dict(m, state[f"frozen.{key}"])

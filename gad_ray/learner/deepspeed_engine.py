@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gad_ray.config.schema import LearnerConfig, OptimConfig
-from gad_ray.learner.engine import MASTER_DTYPE, Engine
+from gad_ray.learner.engine import MASTER_DTYPE, Engine, Selector, to_masters
 from gad_ray.learner.offload import CPU, move_data, move_module, move_optimizer_state
 from gad_ray.learner.optim import build_optimizer, build_scheduler
 
@@ -111,19 +111,26 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # a DeepSpeed engine holds the model as .module
 
 
-def _named_full(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full module parameters one at a time (gathered under ZeRO-3), detached copies."""
+def _named_full(
+    model: nn.Module, keep: Selector | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full module parameters one at a time (gathered under ZeRO-3), detached copies (those
+    ``keep`` picks; default all)."""
     for name, p in _unwrap(model).named_parameters():
-        with _gathered([p]):
-            yield name, p.detach().clone()
+        if keep is None or keep(name):
+            with _gathered([p]):
+                yield name, p.detach().clone()
 
 
-def _named_masters(engine: Any) -> Iterator[tuple[str, torch.Tensor]]:
+def _named_masters(engine: Any, keep: Selector | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The optimizer's full fp32 master of each trained parameter, one at a time (collective);
-    the module parameter itself where ZeRO keeps no separate master (frozen ones)."""
+    the module parameter itself where ZeRO keeps no separate master (frozen ones); those
+    ``keep`` picks (default all)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     for name, p in _unwrap(engine).named_parameters():
+        if keep is not None and not keep(name):
+            continue
         master = safe_get_full_fp32_param(p) if p.requires_grad else None
         if master is None:
             with _gathered([p]):
@@ -142,10 +149,11 @@ class DeepSpeedEngine(Engine):
         device: torch.device,
         dtype: torch.dtype,
         total_steps: int | None = None,
+        saved: Selector | None = None,
     ) -> None:
         deepspeed = _import_deepspeed(device)
-        self.device, self.dtype = device, dtype
-        model = model.to(device, MASTER_DTYPE)  # ZeRO's masters start from these fp32 weights
+        self.device, self.dtype, self.saved = device, dtype, saved
+        model = to_masters(model).to(device)  # ZeRO's masters start from these fp32 weights
         optimizer = build_optimizer(model.parameters(), ocfg)
         scheduler = build_scheduler(optimizer, ocfg, total_steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -217,13 +225,24 @@ class DeepSpeedEngine(Engine):
         return float(norm) if norm is not None else float("nan")
 
     def named_full_params(
-        self, dtype: torch.dtype | None = None
+        self, dtype: torch.dtype | None = None, keep: Selector | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, full in _named_masters(self.ds):
+        for name, full in _named_masters(self.ds, keep):
             yield name, full if dtype is None else full.to(dtype)
 
+    def _kept_frozen(self) -> Selector:
+        """The frozen parameters a checkpoint keeps (a LoRA reference adapter): DeepSpeed's
+        own checkpoint then leaves every frozen one out, and they are saved beside it."""
+        frozen = {n for n, p in _unwrap(self.ds).named_parameters() if not p.requires_grad}
+        return lambda name: name in frozen and self.saved(name)
+
     def save(self, path: str, frozen: dict[str, nn.Module]) -> None:
-        self.ds.save_checkpoint(path, tag=CHECKPOINT_TAG)
+        lora = self.saved is not None
+        self.ds.save_checkpoint(path, tag=CHECKPOINT_TAG, exclude_frozen_parameters=lora)
+        if lora:
+            kept = {name: t.cpu() for name, t in _named_full(self.ds, self._kept_frozen())}
+            if dist.get_rank() == 0:
+                torch.save(kept, os.path.join(path, "frozen_kept.pt"))
         for key, m in frozen.items():
             state = {name: t.cpu() for name, t in _named_full(m)}
             if dist.get_rank() == 0:
@@ -236,11 +255,19 @@ class DeepSpeedEngine(Engine):
                 f"{path!r} is not a DeepSpeed learner checkpoint: "
                 f"{os.path.join(path, CHECKPOINT_TAG)!r} is missing"
             )
+        lora = self.saved is not None
         load_path, _ = self.ds.load_checkpoint(
-            path, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            path,
+            tag=CHECKPOINT_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=not lora,
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path!r}")
+        if lora:
+            kept = torch.load(os.path.join(path, "frozen_kept.pt"), weights_only=True)
+            _load_full(self.ds, kept, self._kept_frozen())
         for key, m in frozen.items():
             file = os.path.join(path, f"frozen_{key}.pt")
             if not os.path.isfile(file):
@@ -250,11 +277,24 @@ class DeepSpeedEngine(Engine):
     def copy_params_to(self, frozen: nn.Module) -> None:
         _load_full(frozen, dict(_named_masters(self.ds)))
 
+    def param_names(self) -> list[str]:
+        return [name for name, _ in _unwrap(self.ds).named_parameters()]
 
-def _load_full(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy full tensors ``state`` into ``model``'s (possibly ZeRO-3 partitioned) parameters."""
+    def copy_within(self, pairs: list[tuple[str, str]]) -> None:
+        src = dict(pairs)
+        state = {src[n]: t for n, t in _named_masters(self.ds, lambda n: n in src)}
+        _load_full(self.ds, state, lambda n: n in state)
+
+
+def _load_full(
+    model: nn.Module, state: dict[str, torch.Tensor], keep: Selector | None = None
+) -> None:
+    """Copy full tensors ``state`` into ``model``'s (possibly ZeRO-3 partitioned) parameters
+    (those ``keep`` picks; default all)."""
     with torch.no_grad():
         for name, p in _unwrap(model).named_parameters():
+            if keep is not None and not keep(name):
+                continue
             if name not in state:
                 raise KeyError(f"frozen model parameter {name!r} missing from the saved state")
             with _gathered([p], modifier_rank=0):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -72,15 +72,18 @@ class Engine(ABC):
 
     @abstractmethod
     def named_full_params(
-        self, dtype: torch.dtype | None = None
+        self, dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every fp32 master parameter (cast to ``dtype`` if given), gathered to full size one
-        at a time, on every rank (same order)."""
+        """Every parameter (trained ones: the fp32 master), or those whose name ``keep``
+        accepts, cast to ``dtype`` if given, gathered to full size one at a time, on every rank
+        (same order)."""
 
-    def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def full_state_dict(
+        self, dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The full parameters (cast to ``dtype``) on CPU on rank 0, empty on the other ranks."""
         rank0 = dist.get_rank() == 0
-        return {n: t.cpu() for n, t in self.named_full_params(dtype) if rank0}
+        return {n: t.cpu() for n, t in self.named_full_params(dtype, keep) if rank0}
 
     @abstractmethod
     def save(self, path: str, frozen: dict[str, nn.Module]) -> None:
@@ -93,6 +96,15 @@ class Engine(ABC):
     @abstractmethod
     def copy_params_to(self, frozen: nn.Module) -> None:
         """Copy this model's current parameters into a frozen model built by ``build_frozen``."""
+
+    def param_names(self) -> list[str]:
+        """The model's parameter names (local, not collective)."""
+        return [name for name, _ in self.module.named_parameters()]
+
+    @abstractmethod
+    def copy_within(self, pairs: list[tuple[str, str]]) -> None:
+        """Copy parameter ``src`` into parameter ``dst`` of this model, for each (src, dst) of
+        ``pairs`` (same shapes; e.g. G's LoRA adapter into the frozen reference adapter)."""
 
     def offload(self, frozen: dict[str, nn.Module], copy: bool = False) -> None:
         """Move this rank's trained state (fp32 master shards, gradients if any, optimizer
@@ -126,6 +138,21 @@ class Engine(ABC):
 
 
 MASTER_DTYPE = torch.float32  # of every trained weight and its optimizer state
+
+
+def to_masters(model: nn.Module) -> nn.Module:
+    """Trained parameters (``requires_grad``) to fp32 masters; frozen ones (a LoRA base) keep
+    their dtype. A fully trained model is cast whole (buffers too)."""
+    params = list(model.parameters())
+    if all(p.requires_grad for p in params):
+        return model.to(MASTER_DTYPE)
+    for p in params:
+        if p.requires_grad:
+            p.data = p.data.to(MASTER_DTYPE)
+    return model
+
+
+Selector = Callable[[str], bool]  # picks parameters by name
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -179,7 +206,11 @@ def _full(p: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class FSDP2Engine(Engine):
-    """``fully_shard`` per decoder layer + root, AdamW, LambdaLR, grad-norm clipping."""
+    """``fully_shard`` per decoder layer + root, AdamW, LambdaLR, grad-norm clipping.
+
+    ``trained`` picks the parameters this engine's optimizer steps (default: every one that
+    requires grad) and ``saved`` those its checkpoints hold (default: all); with ``sharded``
+    the model is an FSDP2 module already (another engine's, see :meth:`view`)."""
 
     def __init__(
         self,
@@ -189,16 +220,39 @@ class FSDP2Engine(Engine):
         device: torch.device,
         dtype: torch.dtype,
         total_steps: int | None = None,
+        trained: Selector | None = None,
+        saved: Selector | None = None,
+        sharded: bool = False,
     ) -> None:
         offload = (lcfg.param_offload or lcfg.optimizer_offload) and device.type == "cuda"
-        self.device, self.dtype = device, dtype
+        self.lcfg, self.device, self.dtype = lcfg, device, dtype
         self.params_on_cpu = offload  # CPUOffloadPolicy: shards, grads and Adam state live on CPU
         self.frozen_on_cpu = lcfg.reference_offload and device.type == "cuda"
-        self.module = _shard(model.to(MASTER_DTYPE), _mesh(device), dtype, offload)
+        if not sharded:
+            model = _shard(to_masters(model), _mesh(device), dtype, offload)
+        self.module, self.saved = model, saved
+        self.params = [
+            p
+            for n, p in self.module.named_parameters()
+            if p.requires_grad and (trained is None or trained(n))
+        ]
         self.grad_factor = float(dist.get_world_size())
         self.grad_clip = ocfg.grad_clip
-        self.optimizer = build_optimizer(self.module.parameters(), ocfg)
+        self.optimizer = build_optimizer(self.params, ocfg)
         self.scheduler = build_scheduler(self.optimizer, ocfg, total_steps)
+
+    def view(
+        self,
+        ocfg: OptimConfig,
+        total_steps: int | None,
+        trained: Selector,
+        saved: Selector | None = None,
+    ) -> FSDP2Engine:
+        """A second engine over this engine's module with its own optimizer and schedule for the
+        parameters ``trained`` picks (a LoRA adapter of a shared base)."""
+        return FSDP2Engine(
+            self.module, self.lcfg, ocfg, self.device, self.dtype, total_steps, trained, saved, True
+        )
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -220,7 +274,7 @@ class FSDP2Engine(Engine):
         self._move(frozen, self.device, copy)
 
     def step(self) -> float:
-        params = [p for p in self.module.parameters() if p.grad is not None]
+        params = [p for p in self.params if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
@@ -232,18 +286,21 @@ class FSDP2Engine(Engine):
         return norm
 
     def named_full_params(
-        self, dtype: torch.dtype | None = None
+        self, dtype: torch.dtype | None = None, keep: Selector | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
         reshard(self.module)
         for name, p in self.module.named_parameters():
-            full = _full(p, self.device)
-            yield name, full if dtype is None else full.to(dtype)
+            if keep is None or keep(name):
+                full = _full(p, self.device)
+                yield name, full if dtype is None else full.to(dtype)
 
     def save(self, path: str, frozen: dict[str, nn.Module]) -> None:
-        checkpoint.save_sharded(path, self.module, self.optimizer, self.scheduler, frozen)
+        args = (self.module, self.optimizer, self.scheduler, frozen, self.saved)
+        checkpoint.save_sharded(path, *args)
 
     def load(self, path: str, frozen: dict[str, nn.Module]) -> None:
-        checkpoint.load_sharded(path, self.module, self.optimizer, self.scheduler, frozen)
+        args = (self.module, self.optimizer, self.scheduler, frozen, self.saved)
+        checkpoint.load_sharded(path, *args)
 
     def copy_params_to(self, frozen: nn.Module) -> None:
         reshard(self.module)
@@ -255,6 +312,14 @@ class FSDP2Engine(Engine):
                 dst = p.to_local() if isinstance(p, DTensor) else p
                 dst.copy_(local)
 
+    def copy_within(self, pairs: list[tuple[str, str]]) -> None:
+        reshard(self.module)
+        params = dict(self.module.named_parameters())
+        local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
+        with torch.no_grad():
+            for src, dst in pairs:  # same shapes, so the same shard on this rank
+                local(params[dst]).copy_(local(params[src]))
+
 
 def build_engine(
     model: nn.Module,
@@ -263,14 +328,16 @@ def build_engine(
     device: torch.device,
     dtype: torch.dtype,
     total_steps: int | None = None,
+    saved: Selector | None = None,
 ) -> Engine:
-    """The engine of ``lcfg.backend`` training ``model`` (an unwrapped HF-style model, made
-    fp32) with ``dtype`` compute."""
+    """The engine of ``lcfg.backend`` training the parameters of ``model`` (an unwrapped
+    HF-style model) that require grad, as fp32 masters, with ``dtype`` compute; ``saved`` picks
+    the parameters its checkpoints hold (default: all)."""
     if lcfg.backend == "deepspeed":
         from gad_ray.learner.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, lcfg, ocfg, device, dtype, total_steps)
-    return FSDP2Engine(model, lcfg, ocfg, device, dtype, total_steps)
+        return DeepSpeedEngine(model, lcfg, ocfg, device, dtype, total_steps, saved)
+    return FSDP2Engine(model, lcfg, ocfg, device, dtype, total_steps, saved=saved)
 
 
 def build_frozen(

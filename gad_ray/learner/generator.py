@@ -11,7 +11,8 @@ sampling temperature, the distribution the samples were drawn from (docs/algorit
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,11 +31,25 @@ from gad_ray.algorithms import (
     sft_loss_mat,
     token_logprobs,
 )
-from gad_ray.config.schema import Config
+from gad_ray.config.schema import Config, LoraSpec
 from gad_ray.data.batch import TokenBatch
 from gad_ray.learner import checkpoint
 from gad_ray.learner.engine import MASTER_DTYPE, build_engine, build_frozen, compute_dtype
 from gad_ray.learner.group import LearnerGroup
+from gad_ray.learner.lora import (
+    GENERATOR,
+    REFERENCE,
+    AdapterModel,
+    adapter_config,
+    adapter_pair,
+    add_adapters,
+    copy_adapter,
+    export_lora,
+    is_adapter_param,
+    is_base_param,
+    is_lora_param,
+    peft_key,
+)
 from gad_ray.learner.worker import LearnerWorker
 from gad_ray.models.loading import load_causal_lm, load_tokenizer, model_max_context
 from gad_ray.placement import RolePlacement
@@ -112,19 +127,56 @@ class GeneratorWorker(LearnerWorker):
     def setup(self) -> None:
         spec, lcfg = self.cfg.model.student, self.cfg.learner
         dtype = compute_dtype(spec, self.device)
+        optim = self.cfg.algorithm.generator_optim
+        if spec.lora.enabled:
+            self.lora_specs = {GENERATOR: spec.lora}
+            model = self.adapter_model(dtype, {})
+            self.engine = build_engine(
+                model, lcfg, optim, self.device, dtype, self.total_steps, saved=is_lora_param
+            )
+            return
         model = load_causal_lm(self.model_path, dtype=MASTER_DTYPE)
         self.hf_config = model.config
         if spec.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable({"use_reentrant": False})
-        optim = self.cfg.algorithm.generator_optim
         self.engine = build_engine(model, lcfg, optim, self.device, dtype, self.total_steps)
         if self.with_reference:
             ref = load_causal_lm(self.model_path, dtype=dtype)
             self.reference = build_frozen(ref, lcfg, self.device, dtype)
 
+    def adapter_model(self, dtype: torch.dtype, more: dict[str, LoraSpec]) -> AdapterModel:
+        """The frozen base in the compute dtype with G's adapter, the KL reference's (a frozen
+        copy of G's) and the ``more`` adapters (D's, on a shared base)."""
+        spec = self.cfg.model.student
+        base = load_causal_lm(self.model_path, dtype=dtype)
+        self.hf_config = base.config
+        specs = {GENERATOR: spec.lora} | ({REFERENCE: spec.lora} if self.with_reference else {})
+        lm = add_adapters(base, specs | more, self.cfg.seed)
+        if self.with_reference:
+            copy_adapter(lm, GENERATOR, REFERENCE)
+            for name, p in lm.named_parameters():
+                if is_adapter_param(name, REFERENCE):
+                    p.requires_grad_(False)
+        model = AdapterModel(lm)
+        if spec.gradient_checkpointing:
+            base.config.use_cache = False
+            model.gradient_checkpointing_enable()
+        return model
+
     def frozen_models(self) -> dict[str, nn.Module]:
         return {"reference": self.reference} if self.reference is not None else {}
+
+    def policy(self) -> Callable[..., Any]:
+        """The policy's forward (a causal LM's call signature, ``.logits`` out)."""
+        module = self.engine.module
+        return partial(module, adapter=GENERATOR) if self.lora_specs else module
+
+    def reference_policy(self) -> Callable[..., Any] | None:
+        """The frozen KL reference's forward, or None without one."""
+        if self.lora_specs and self.with_reference:
+            return partial(self.engine.module, adapter=REFERENCE)
+        return self.reference
 
     # -- forward-only ---------------------------------------------------------------------
     def logprobs(
@@ -132,13 +184,13 @@ class GeneratorWorker(LearnerWorker):
     ) -> tuple[list[int], list[torch.Tensor]]:
         self.engine.module.eval()
         return self.forward_plan(
-            batch, plan, lambda mb: policy_logprobs(self.engine.module, mb, temperature)[0]
+            batch, plan, lambda mb: policy_logprobs(self.policy(), mb, temperature)[0]
         )
 
     # -- training -------------------------------------------------------------------------
     def train_sft(self, batch: TokenBatch, plan: list[list[int]], den: float) -> dict[str, float]:
         def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
-            logp, _ = policy_logprobs(self.engine.module, mb)
+            logp, _ = policy_logprobs(self.policy(), mb)
             loss = aggregate_loss(sft_loss_mat(logp), mb.response_mask, "token-mean", den)
             return loss, {"loss": loss.item()}
 
@@ -160,7 +212,7 @@ class GeneratorWorker(LearnerWorker):
             mask, t = mb.response_mask, mb.input_ids.shape[1]
             adv = advantages[rows, :t].to(self.device)
             logp, ent = policy_logprobs(
-                self.engine.module, mb, temp, entropy=True, entropy_grad=bool(g.entropy_coef)
+                self.policy(), mb, temp, entropy=True, entropy_grad=bool(g.entropy_coef)
             )
             old = logp.detach() if old_logprobs is None else old_logprobs[rows, :t].to(self.device)
             pg_mat, stats = ppo_clip_loss(
@@ -174,9 +226,10 @@ class GeneratorWorker(LearnerWorker):
                 "approx_kl": float(stats["approx_kl"].sum()) / num_tokens,
                 "entropy": float((ent.detach() * mask).sum()) / num_tokens,
             }
-            if self.reference is not None:
+            reference = self.reference_policy()
+            if reference is not None:
                 with torch.no_grad():
-                    ref, _ = policy_logprobs(self.reference, mb, temp)
+                    ref, _ = policy_logprobs(reference, mb, temp)
                 kl = aggregate_loss(
                     kl_penalty(logp, ref, g.kl_estimator), mask, g.loss_agg_mode, den
                 )
@@ -202,7 +255,7 @@ class GeneratorWorker(LearnerWorker):
     ) -> dict[str, float]:
         def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
             t, dev = mb.input_ids.shape[1], self.device
-            logits = self.engine.module(
+            logits = self.policy()(
                 input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
             ).logits[:, :-1]
             loss, m = proxy_kd_loss_topk(
@@ -224,10 +277,14 @@ class GeneratorWorker(LearnerWorker):
         self.engine.set_base_lr(lr)
 
     def reset_reference(self) -> None:
-        if self.reference is None:
+        if self.reference_policy() is None:
             raise RuntimeError("reset_reference: this generator learner holds no reference policy")
         with self.onloaded():
-            self.engine.copy_params_to(self.reference)
+            if self.lora_specs:  # the base is shared: copy G's adapter into the reference's
+                names = [n for n in self.engine.param_names() if is_adapter_param(n, GENERATOR)]
+                self.engine.copy_within([(n, adapter_pair(n, GENERATOR, REFERENCE)) for n in names])
+            else:
+                self.engine.copy_params_to(self.reference)
 
     # -- export ---------------------------------------------------------------------------
     def sync_weights(self, rollout_workers: list[Any]) -> dict[str, float]:
@@ -244,27 +301,46 @@ class GeneratorWorker(LearnerWorker):
         colocated = self.cfg.cluster.placement == "colocated"
         method = resolve_sync_method(rcfg.weight_sync, colocated, n, self.world_size)
         ids = receivers(method, self.rank, self.world_size, n)
-        named = with_tied_head(self.engine.named_full_params(self.engine.dtype), self.hf_config)
+        adapter = None
+        if self.lora_specs:  # LoRA: only G's adapter travels; the workers hold the base
+            keep = lambda name: is_adapter_param(name, GENERATOR)  # noqa: E731
+            named = (
+                (peft_key(k, GENERATOR), t)
+                for k, t in self.engine.named_full_params(self.engine.dtype, keep)
+            )
+            adapter = adapter_config(self.engine.module, GENERATOR, self.model_path)
+        else:
+            full = self.engine.named_full_params(self.engine.dtype)
+            named = with_tied_head(full, self.hf_config)
         if not ids:
             for _ in named:
                 pass
             return {}
         workers = [rollout_workers[i] for i in ids]
         try:
-            return send_weights(named, workers, rcfg.bucket_bytes, method, ids)
+            return send_weights(named, workers, rcfg.bucket_bytes, method, ids, adapter)
         except Exception:
             for _ in named:  # the other ranks' gathers are collectives: finish them, then fail
                 pass
             raise
 
     def save_pretrained(self, path: str) -> None:
-        """HF export in the compute dtype (``model.student.dtype``), written by rank 0."""
+        """HF export in the compute dtype (``model.student.dtype``), written by rank 0. With
+        LoRA, ``model.student.lora.export``: ``merged`` (a plain HF model) or ``adapter``
+        (peft's adapter directory + a pointer to the base)."""
+        spec = self.cfg.model.student
+        keep = None
+        if self.lora_specs:  # the base and G's adapter (not the reference's, nor D's + head)
+            keep = lambda n: is_adapter_param(n, GENERATOR) or is_base_param(n)  # noqa: E731
         with self.onloaded():
-            state = self.engine.full_state_dict(self.engine.dtype)
+            state = self.engine.full_state_dict(None if keep else self.engine.dtype, keep)
+            adapter = adapter_config(self.engine.module, GENERATOR, self.model_path) if keep else {}
         if self.rank == 0:
-            spec = self.cfg.model.student
             tok = load_tokenizer(spec.tokenizer or self.model_path)
-            checkpoint.export_hf(path, state, self.hf_config, tok)
+            if keep is None:
+                checkpoint.export_hf(path, state, self.hf_config, tok)
+            else:
+                export_lora(path, state, GENERATOR, spec.lora, adapter, self.engine.dtype, tok)
         dist.barrier()
 
 

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gad_ray.config.schema import Config
+from gad_ray.config.schema import Config, LoraSpec
 from gad_ray.data.batch import TokenBatch
 from gad_ray.learner import checkpoint
 from gad_ray.learner.engine import Engine
+from gad_ray.learner.lora import check_base_pointer, write_base_pointer
 from gad_ray.memory import memory_stats
 
 # (global rows of the micro-batch, micro-batch) -> (loss already divided by the global
@@ -46,6 +47,7 @@ class LearnerWorker:
         self.cfg, self.rank, self.world_size, self.role = cfg, rank, world_size, role
         self.step = 0
         self.device = torch.device("cpu")
+        self.lora_specs: dict[str, LoraSpec] = {}  # LoRA adapters trained here (setup sets them)
 
     # -- distributed set-up --------------------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
@@ -205,12 +207,18 @@ class LearnerWorker:
         return {}
 
     def save_checkpoint(self, path: str) -> None:
+        """The sharded training state; with LoRA the adapters (and D's head), not the frozen
+        base, plus a pointer to the base (``lora_base.json``)."""
         with self.onloaded():
             self.engine.save(path, self.frozen_models())
+        if self.lora_specs and self.rank == 0:
+            write_base_pointer(path, self.model_path, self.lora_specs)
         checkpoint.save_rank_state(path, self.rank, {"step": self.step})
         dist.barrier()
 
     def load_checkpoint(self, path: str) -> None:
+        if self.lora_specs:
+            check_base_pointer(path, self.model_path)
         with self.onloaded():
             self.engine.load(path, self.frozen_models())
         self.step = checkpoint.load_rank_state(path, self.rank)["step"]

@@ -33,7 +33,8 @@ def backend_class(name: str) -> type[RolloutBackend]:
 
 class RolloutBackend(ABC):
     """One generation engine. Constructed as ``(model_path, RolloutConfig, dtype,
-    max_model_len, seed)``."""
+    max_model_len, seed, lora_rank)``; with ``lora_rank > 0`` it serves the base model plus the
+    LoRA adapter each weight update sends."""
 
     @abstractmethod
     def generate(
@@ -59,7 +60,8 @@ class RolloutBackend(ABC):
     ) -> None: ...
 
     @abstractmethod
-    def begin_weight_update(self) -> None: ...
+    def begin_weight_update(self, adapter: dict | None = None) -> None:
+        """Start an update: full weights, or (``adapter``: its peft config) a LoRA adapter."""
 
     @abstractmethod
     def receive_bucket(self, metas: list, flat: np.ndarray) -> None:

@@ -27,6 +27,8 @@ class RolloutGroup(AsyncCalls):
     ``generate`` splits a batch across the workers (balanced by prompt length + max_tokens,
     each sample's token count) and returns the samples prompt-major in prompt order.
     ``workers`` are the actor handles for :func:`gad_ray.rollout.weight_sync.send_weights`.
+    With ``model.student.lora.rank`` > 0 they load ``model_path`` as the base once and serve
+    the adapter versions the generator sends (README "Fewer GPUs: LoRA").
     """
 
     def __init__(
@@ -50,7 +52,7 @@ class RolloutGroup(AsyncCalls):
 
         def spawn(i: int) -> ray.actor.ActorHandle:
             return actor.options(runtime_env=env, **placement.options(i)).remote(
-                model_path, rc, spec.dtype, spec.max_context, cfg.seed + i
+                model_path, rc, spec.dtype, spec.max_context, cfg.seed + i, spec.lora.rank
             )
 
         self.spawn = spawn

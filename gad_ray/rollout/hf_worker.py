@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
 from gad_ray.config.schema import RolloutConfig
 from gad_ray.memory import memory_stats
@@ -38,7 +39,10 @@ class HFRolloutWorker(RolloutBackend):
         dtype: str = "auto",
         max_model_len: int | None = None,
         seed: int = 0,
+        lora_rank: int = 0,
     ):
+        """``lora_rank`` > 0: weight updates may be LoRA adapters, served with peft over the
+        base (the rank itself comes with each adapter's config)."""
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dt = getattr(torch, resolve_dtype(dtype, self.device.type == "cuda"))
         self.model_path = model_path
@@ -53,6 +57,8 @@ class HFRolloutWorker(RolloutBackend):
         self.params = dict(self.model.state_dict(keep_vars=True))
         self.group: dist.ProcessGroup | None = None
         self.seed = seed
+        self.lora_rank = lora_rank
+        self.incoming: dict[str, torch.Tensor] | None = None  # an adapter update's tensors
 
     @torch.no_grad()
     def generate(
@@ -115,11 +121,24 @@ class HFRolloutWorker(RolloutBackend):
     ) -> None:
         self.group = join_weight_group(host, port, rank_offset, world_size, backend)
 
-    def begin_weight_update(self) -> None:
-        pass  # parameters are overwritten in place, bucket by bucket
+    def begin_weight_update(self, adapter: dict | None = None) -> None:
+        """Full weights are overwritten in place, bucket by bucket; a LoRA adapter (``adapter``:
+        its config) is collected and set at the end (the model wrapped by peft on the first)."""
+        if adapter is None:
+            return
+        if not self.lora_rank:
+            raise ValueError(
+                "a LoRA adapter was sent to a rollout worker built without LoRA (lora_rank=0)"
+            )
+        if not isinstance(self.model, PeftModel):
+            self.model = get_peft_model(self.model, LoraConfig.from_peft_type(**adapter)).eval()
+        self.incoming = {}
 
     @torch.no_grad()
     def _load(self, metas: list[Meta], flat: torch.Tensor) -> None:
+        if self.incoming is not None:
+            self.incoming.update((n, t.clone()) for n, t in unpack_bucket(metas, flat))
+            return
         for name, t in unpack_bucket(metas, flat):
             if name not in self.params:
                 raise KeyError(f"weight {name!r} is not a parameter of the rollout model")
@@ -139,7 +158,12 @@ class HFRolloutWorker(RolloutBackend):
         self._load(metas, open_bucket(handle, self.device))
 
     def finish_weight_update(self) -> None:
-        pass  # no cache survives between generate calls
+        """Set a received adapter (no cache survives between generate calls)."""
+        if self.incoming is not None:
+            result = set_peft_model_state_dict(self.model, self.incoming)
+            self.incoming = None
+            if result.unexpected_keys:
+                raise KeyError(f"adapter weights the model lacks: {result.unexpected_keys[:5]}")
 
     def sleep(self, level: int = 1) -> dict:
         return {"supported": False, "reason": "the HF rollout backend has no sleep mode"}

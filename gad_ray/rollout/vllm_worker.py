@@ -9,6 +9,7 @@ vLLM is imported inside the actor, after its environment is set.
 """
 
 import os
+import tempfile
 import warnings
 
 import numpy as np
@@ -19,7 +20,7 @@ from gad_ray.memory import memory_stats
 from gad_ray.models.loading import VLLM_CPU_ENV, VLLM_CPU_LLM_KWARGS, model_max_context
 from gad_ray.rollout.base import RolloutBackend
 from gad_ray.rollout.types import Sample, check_request, sample_seed
-from gad_ray.rollout.weight_sync import IpcHandle, Meta
+from gad_ray.rollout.weight_sync import IpcHandle, Meta, open_bucket, unpack_bucket
 
 EXTENSION = "gad_ray.rollout.weight_sync.WeightSyncExtension"
 
@@ -31,10 +32,19 @@ def resolve_dtype(dtype: str, on_gpu: bool) -> str:
     return dtype
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's values of max_lora_rank
+
+
 def engine_kwargs(
-    model_path: str, cfg: RolloutConfig, dtype: str, max_model_len: int | None, seed: int
+    model_path: str,
+    cfg: RolloutConfig,
+    dtype: str,
+    max_model_len: int | None,
+    seed: int,
+    lora_rank: int = 0,
 ) -> dict:
-    """``vllm.LLM`` keyword arguments for this machine (CPU or GPU) and config."""
+    """``vllm.LLM`` keyword arguments for this machine (CPU or GPU) and config; ``lora_rank``
+    > 0 serves one LoRA adapter of that rank (vLLM's LoRA support, on CPU too)."""
     on_gpu = torch.cuda.is_available()
     kw = {
         "model": model_path,
@@ -67,6 +77,11 @@ def engine_kwargs(
         kw |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, context)}
     if cfg.kv_cache_memory_bytes is not None:
         kw["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+    if lora_rank:
+        rank = next((r for r in LORA_RANKS if r >= lora_rank), None)
+        if rank is None:
+            raise ValueError(f"LoRA rank {lora_rank} is above vLLM's largest ({LORA_RANKS[-1]})")
+        kw |= {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
     kw["dtype"] = resolve_dtype(dtype, on_gpu)
     return kw
 
@@ -84,7 +99,10 @@ class RolloutWorker(RolloutBackend):
         dtype: str = "auto",
         max_model_len: int | None = None,
         seed: int = 0,
+        lora_rank: int = 0,
     ):
+        """``lora_rank`` > 0: the engine serves the student's LoRA adapter over the base at
+        ``model_path``; weight updates are then adapters (``begin_weight_update(config)``)."""
         self.on_gpu = torch.cuda.is_available()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not self.on_gpu:
@@ -95,7 +113,10 @@ class RolloutWorker(RolloutBackend):
 
         self.model_path = model_path
         self.cfg = cfg
-        self.llm = LLM(**engine_kwargs(model_path, cfg, dtype, max_model_len, seed))
+        self.llm = LLM(**engine_kwargs(model_path, cfg, dtype, max_model_len, seed, lora_rank))
+        self.lora_rank = lora_rank
+        self.lora_request = None  # the adapter version served (None: the base alone)
+        self.incoming: tuple[dict, dict[str, torch.Tensor]] | None = None  # an adapter update
         model_config = self.llm.llm_engine.model_config
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.get_vocab_size()
@@ -158,7 +179,7 @@ class RolloutWorker(RolloutBackend):
                         logprobs=0,
                     )
                 )
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         samples = []
         for k, out in enumerate(outputs):
             i = indices[k // requests]
@@ -183,17 +204,35 @@ class RolloutWorker(RolloutBackend):
             "gad_join_group", args=(host, port, rank_offset, world_size, backend)
         )
 
-    def begin_weight_update(self) -> None:
-        self.llm.collective_rpc("gad_begin_update")
+    def begin_weight_update(self, adapter: dict | None = None) -> None:
+        """Start an update: the full weights, or with ``adapter`` (its ``adapter_config.json``)
+        a new version of the LoRA adapter."""
+        if adapter is None:
+            self.llm.collective_rpc("gad_begin_update")
+            return
+        if not self.lora_rank:
+            raise ValueError(
+                "a LoRA adapter was sent to a rollout worker built without LoRA (lora_rank=0)"
+            )
+        self.incoming = (adapter, {})
+
+    def _collect(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        self.incoming[1].update((n, t.to("cpu", copy=True)) for n, t in named)
 
     def receive_bucket(self, metas: list[Meta], flat: np.ndarray) -> None:
         """Load one bucket (a read-only array straight from the object store)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             tensor = torch.from_numpy(flat)
+        if self.incoming is not None:
+            self._collect(unpack_bucket(metas, tensor))
+            return
         self.llm.collective_rpc("gad_load_bucket", args=(metas, tensor))
 
     def receive_broadcast(self, metas: list[Meta]) -> None:
+        if self.incoming is not None:  # every tp rank receives; rank 0's copy is kept
+            self._collect(self.llm.collective_rpc("gad_recv_adapter", args=(metas,))[0])
+            return
         self.llm.collective_rpc("gad_recv_broadcast", args=(metas,))
 
     def receive_ipc(self, metas: list[Meta], handle: IpcHandle) -> None:
@@ -203,13 +242,40 @@ class RolloutWorker(RolloutBackend):
             raise ValueError(
                 f"ipc weight sync needs tensor_parallel_size=1 (colocated), got {self.tp_size}"
             )
+        if self.incoming is not None:
+            device = "cuda" if self.on_gpu else "cpu"
+            self._collect(unpack_bucket(metas, open_bucket(handle, device)))
+            return
         self.llm.collective_rpc("gad_load_ipc", args=(metas, handle))
 
     def finish_weight_update(self) -> None:
-        """Process the loaded weights and drop every cached prefix of the old model."""
-        self.llm.collective_rpc("gad_finish_update")
+        """Process the loaded weights (or serve the received adapter as a new version) and
+        drop every cached prefix of the old model."""
+        if self.incoming is not None:
+            config, tensors = self.incoming
+            self.incoming = None
+            self._serve_adapter(config, tensors)
+        else:
+            self.llm.collective_rpc("gad_finish_update")
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+    def _serve_adapter(self, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Register the adapter as version v + 1 (vLLM reads it from a temporary directory),
+        drop version v; later requests use it."""
+        from vllm.lora.request import LoRARequest
+
+        from gad_ray.learner.lora import save_adapter
+
+        version = 1 if self.lora_request is None else self.lora_request.lora_int_id + 1
+        with tempfile.TemporaryDirectory(prefix="gad-lora-") as path:
+            save_adapter(path, tensors, config)
+            request = LoRARequest(f"student-v{version}", version, path)
+            if self.lora_request is not None:
+                self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+            if not self.llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM did not load LoRA adapter version {version}")
+        self.lora_request = request
 
     # -- sleep / wake (colocated placement) -----------------------------------------------------
 
@@ -246,4 +312,5 @@ class RolloutWorker(RolloutBackend):
             "tensor_parallel_size": self.tp_size,
             "sleeping": self.sleeping,
             "sleep_supported": not self.sleep_unsupported,
+            "lora_version": self.lora_request.lora_int_id if self.lora_request else 0,
         }

@@ -22,6 +22,10 @@ flat uint8 tensor per bucket + a list of ``(name, dtype, shape, offset)``):
   fresh allocation, kept by the sender until its receivers ack and freed by reference counting
   on both sides (on GPU through torch's IPC limbo, collected after the update).
 
+A LoRA adapter (``send_weights(..., adapter=config)``) goes the same way; the workers collect
+its tensors and serve them as a new adapter version (:meth:`RolloutWorker.finish_weight_update
+<gad_ray.rollout.vllm_worker.RolloutWorker.finish_weight_update>`), the base untouched.
+
 Receivers load buckets with vLLM's layerwise reload (``initialize_layerwise_reload`` ->
 ``model.load_weights`` per bucket -> ``finalize_layerwise_reload``, what
 ``collective_rpc("reload_weights")`` does in one go), through :class:`WeightSyncExtension`,
@@ -265,8 +269,13 @@ def send_weights(
     bucket_bytes: int,
     method: str = "object_store",
     worker_ids: list[int] | None = None,
+    adapter: dict | None = None,
 ) -> dict[str, float]:
     """Send HF-named full tensors to every rollout worker; return bytes, seconds, buckets.
+
+    ``adapter``: the tensors are a LoRA adapter (peft names) and this its
+    ``adapter_config.json``; the workers keep their base weights and serve the adapter as a new
+    version from then on (README "Fewer GPUs: LoRA").
 
     Workers reload the weights and reset their prefix cache before this returns; a worker that
     fails raises :class:`WeightSyncError` naming it by ``worker_ids`` (its index in the rollout
@@ -278,7 +287,7 @@ def send_weights(
         method = resolve_sync_method(method)
     ids = list(range(len(workers))) if worker_ids is None else list(worker_ids)
     start = time.perf_counter()
-    _wait([w.begin_weight_update.remote() for w in workers], ids, "begin_weight_update")
+    _wait([w.begin_weight_update.remote(adapter) for w in workers], ids, "begin_weight_update")
     total, n_buckets, pending = 0, 0, []
     on_gpu = torch.cuda.is_available() and method != "gloo"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -348,9 +357,16 @@ class WeightSyncExtension:
         )
 
     def gad_recv_broadcast(self, metas: list[Meta]) -> None:
+        self.gad_load_bucket(metas, self.gad_recv_flat(metas))
+
+    def gad_recv_flat(self, metas: list[Meta]) -> torch.Tensor:
         flat = torch.empty(bucket_nbytes(metas), dtype=torch.uint8, device=self.device)
         broadcast(self._gad_group, flat)
-        self.gad_load_bucket(metas, flat)
+        return flat
+
+    def gad_recv_adapter(self, metas: list[Meta]) -> list[tuple[str, torch.Tensor]]:
+        """A broadcast bucket of LoRA adapter tensors, returned (on CPU) to the engine's owner."""
+        return [(n, t.cpu().clone()) for n, t in unpack_bucket(metas, self.gad_recv_flat(metas))]
 
     def gad_finish_update(self) -> None:
         from vllm.config import set_current_vllm_config
