@@ -60,6 +60,11 @@ def test_ray_job_submit_runs_a_tiny_job(tmp_path):
             f"--port={port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # ports of our own: another Ray on the machine may hold the defaults (52365, ...)
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
             "--include-dashboard=true",
             f"--temp-dir={ray_tmp}",
         ],
