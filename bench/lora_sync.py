@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from gad_ray.config.schema import LoraSpec, RolloutConfig
 from gad_ray.models.loading import VLLM_CPU_ENV, load_causal_lm, resolve_model_path
 from gad_ray.models.shapes import SHIPPED_SHAPES
-from gad_ray.plan_lora import adapter_params
+from gad_ray.plan.lora import adapter_params
 from gad_ray.rollout import send_weights
 from gad_ray.rollout.hf_worker import HFRolloutWorker
 from gad_ray.rollout.vllm_worker import RolloutWorker

@@ -11,7 +11,8 @@ import ray
 from gad_ray.config.hydra_app import CONF_DIR, compose
 from gad_ray.config.schema import ConfigError
 from gad_ray.driver.driver import Driver
-from gad_ray.plan import check_fits, layout, make_plan, place_on_ray
+from gad_ray.plan import check_fits, layout, make_plan
+from gad_ray.plan.report import place_on_ray
 
 GiB = 2**30
 BIN = Path(sys.executable).parent

@@ -7,7 +7,7 @@ from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import ConfigError, LoraSpec
 from gad_ray.models.shapes import SHIPPED_SHAPES
 from gad_ray.plan import check_fits, make_plan
-from gad_ray.plan_lora import adapter_params
+from gad_ray.plan.lora import adapter_params
 
 GiB = 2**30
 PRESET = "experiment=qwen2.5-7b-lora_1gpu"

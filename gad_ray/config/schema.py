@@ -287,7 +287,7 @@ class ClusterConfig(_Strict):
     gpus_per_node: int = Field(0, ge=0)
     cpus_per_node: int = Field(2, ge=1)
     placement: Literal["colocated", "disaggregated"] = "disaggregated"
-    gpu_memory_gib: float = Field(80.0, gt=0)  # memory of one GPU, for the plan (gad_ray/plan.py)
+    gpu_memory_gib: float = Field(80.0, gt=0)  # memory of one GPU, for the plan (gad_ray/plan/)
     log_to_driver: bool = (
         True  # stream the actors' stdout/stderr (vLLM, transformers) to the driver
     )
@@ -391,7 +391,7 @@ class Config(_Strict):
 
     name: str = "run"
     seed: int = 0
-    plan_only: bool = False  # gad-train: print the per-GPU memory plan and exit (gad_ray/plan.py)
+    plan_only: bool = False  # gad-train: print the per-GPU memory plan and exit (gad_ray/plan/)
     model: ModelConfig
     algorithm: AlgorithmConfig
     data: DataConfig

@@ -15,7 +15,7 @@ from gad_ray.driver.driver import TrainingAborted, train
 
 def _train(cfg) -> None:
     if cfg.plan_only:
-        from gad_ray.plan import run_plan
+        from gad_ray.plan.report import run_plan
 
         sys.exit(run_plan(cfg))
     try:
