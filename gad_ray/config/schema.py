@@ -262,6 +262,22 @@ class WandbConfig(_Strict):
     mode: Literal["online", "offline"] = "online"
 
 
+class GuardsConfig(_Strict):
+    """Reward-hacking guards (gad_ray/driver/guards.py): a bound per signal, checked over the
+    last ``window`` steps of ``stages``; None turns a bound off. Defaults: conf/config.yaml."""
+
+    enabled: bool = True
+    action: Literal["warn", "stop"] = "warn"  # stop: also save a checkpoint and stop the run
+    window: int = Field(20, ge=1)
+    stages: list[str] = ["gad"]
+    len_ratio_max: float | None = Field(1.5, gt=0)
+    truncation_rate_max: float | None = Field(0.3, ge=0, le=1)
+    d_acc_max: float | None = Field(0.98, gt=0, le=1)
+    d_acc_band: float | None = Field(0.05, gt=0, le=0.5)
+    d_margin_min: float | None = 0.0
+    kl_max: float | None = Field(0.5, gt=0)
+
+
 class TrainerConfig(_Strict):
     run_dir: str = "outputs/run"
     resume: str = "auto"  # auto | never | a checkpoint directory
@@ -278,6 +294,7 @@ class TrainerConfig(_Strict):
     # samples (with the weights after step t-1) while the learners train on step t
     pipeline: Literal["sync", "one_step_off"] = "sync"
     log_memory: bool = True  # mem/<role>/<phase>_peak_gb every step (GPU tensors, or CPU RSS)
+    guards: GuardsConfig = GuardsConfig()
 
 
 class EvalSetSpec(_Strict):
