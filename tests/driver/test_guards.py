@@ -186,10 +186,9 @@ def test_frozen_d_at_a_high_lr_trips_the_length_guard_and_stops(ray_session, tmp
     assert WARMUP + 5 <= last < WARMUP + GAD - 1  # stopped inside the GAD stage
     # the checkpoint of the stop step (the only one), and no final export
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step_{last + 1:08d}"]
-    state = json.loads(
-        (run_dir / "checkpoints" / f"step_{last + 1:08d}" / "trainer_state.json").read_text()
-    )
-    assert state["step"] == last + 1
+    ckpt = run_dir / "checkpoints" / f"step_{last + 1:08d}"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == last + 1
+    assert (ckpt / "generator").is_dir() and (ckpt / "discriminator").is_dir()
     assert not (run_dir / "final").exists()
     out = capsys.readouterr().out
     assert f"WARNING [step {last}] guard len_ratio_max: mean len_ratio over the last 5" in out
