@@ -335,7 +335,7 @@ def signature_text(results: list[dict]) -> str:
     for method in ("gad", "gad_frozen_d"):
         for seed, r in enumerate(results):
             curve = r["curves"][method]
-            ev = {e["event"]: e["eval_accuracy"] for e in curve if "event" in e}
+            ev = {e["event"]: e["eval_accuracy"] for e in curve if "eval_accuracy" in e}
             eval_change = (
                 ev["final"] - ev["after_warmup"] if {"final", "after_warmup"} <= ev.keys() else None
             )

@@ -299,6 +299,22 @@ class WandbConfig(_Strict):
     mode: Literal["online", "offline"] = "online"
 
 
+class GuardsConfig(_Strict):
+    """Reward-hacking guards (gad_ray/driver/guards.py): a bound per signal, checked over the
+    last ``window`` steps of ``stages``; None turns a bound off. Defaults: conf/config.yaml."""
+
+    enabled: bool = True
+    action: Literal["warn", "stop"] = "warn"  # stop: also save a checkpoint and stop the run
+    window: int = Field(20, ge=1)
+    stages: list[str] = ["gad"]
+    len_ratio_max: float | None = Field(1.5, gt=0)
+    truncation_rate_max: float | None = Field(0.3, ge=0, le=1)
+    d_acc_max: float | None = Field(0.98, gt=0, le=1)
+    d_acc_band: float | None = Field(0.05, gt=0, le=0.5)
+    d_margin_min: float | None = 0.0
+    kl_max: float | None = Field(0.5, gt=0)
+
+
 class TrainerConfig(_Strict):
     run_dir: str = "outputs/run"
     resume: str = "auto"  # auto | never | a checkpoint directory
@@ -318,6 +334,7 @@ class TrainerConfig(_Strict):
     # a failed role (not a rollout worker: those are replaced in place) restarts every role
     # from the last complete checkpoint, this many times per run before the run stops
     max_restarts: int = Field(3, ge=0)
+    guards: GuardsConfig = GuardsConfig()
 
 
 class EvalSetSpec(_Strict):

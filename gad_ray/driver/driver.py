@@ -28,6 +28,7 @@ from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, make_batch
 from gad_ray.data.tokenize import TokenizedExample
 from gad_ray.driver import state as st
+from gad_ray.driver.guards import Guards
 from gad_ray.driver.metrics import MetricsLogger, plot_metrics
 from gad_ray.driver.roles import Roles, preflight
 from gad_ray.driver.setup import TeacherData, init_ray, load_eval_set
@@ -80,6 +81,8 @@ class Driver:
         self.stop_requested = False
         self.events: list[tuple[str, dict]] = []  # logged when the next run starts
         self.logger: MetricsLogger | None = None
+        self.stop_reason: str | None = None  # why stop_requested was set, when not by Ctrl-C
+        self.guards = Guards(cfg.trainer.guards)
         self.start_data, self.start_rng = self.data.state_dict(), st.rng_state()
         self.resume_ckpt = self.initial_ckpt = st.find_resume_checkpoint(cfg, self.run_dir)
         self.step = st.read_trainer_state(self.resume_ckpt)["step"] if self.resume_ckpt else 0
@@ -144,7 +147,9 @@ class Driver:
             every = self.cfg.trainer.eval_every
             if every and step % every == 0 and step > 0 and step not in self.starts:
                 self.log_eval(logger, "periodic", step)
-            logger.log(step, self.run_step(self.current, step))
+            metrics = self.run_step(self.current, step)
+            logger.log(step, metrics)
+            self.check_guards(logger, step, metrics)
             step = self.step = step + 1
             boundary = step < self.total_steps and self.stage_at(step) is not self.current
             new_ckpt_roles = boundary and (
@@ -160,7 +165,9 @@ class Driver:
             ):
                 self.save(step)
         if step < self.total_steps:
-            why = "Interrupted" if self.stop_requested else f"Stopped at step {step}"
+            why = self.stop_reason or (
+                "Interrupted" if self.stop_requested else f"Stopped at step {step}"
+            )
             print(
                 f"\n{why}: saved a checkpoint at step {step} of {self.total_steps}; rerun "
                 "with trainer.resume=auto to continue."
@@ -193,6 +200,18 @@ class Driver:
         self.roles = Roles(self.cfg, self.student_path, self.recipe.roles, self.role_sets)
         self.current = self.stage_at(self.step)
         self.ensure_roles(self.current)
+
+    def check_guards(self, logger: MetricsLogger, step: int, metrics: dict[str, Any]) -> None:
+        """Reward-hacking guards (``trainer.guards``): each new breach is a ``guard`` event in
+        metrics.jsonl and a warning above the progress bar; with ``action=stop`` the run saves
+        a checkpoint after this step and stops, as after a first Ctrl-C."""
+        breaches = self.guards.update(step, metrics)
+        for b in breaches:
+            logger.warn(step, "guard", b.record(), b.message, tag=b.name)
+        if breaches and self.cfg.trainer.guards.action == "stop":
+            self.stop_requested = True
+            names = ", ".join(b.name for b in breaches)
+            self.stop_reason = f"Stopped by guard {names} (trainer.guards.action=stop)"
 
     def stage_at(self, step: int) -> Stage:
         i = max(i for i, start in enumerate(self.starts) if start <= step) if step else 0

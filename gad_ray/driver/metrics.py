@@ -109,6 +109,15 @@ class MetricsLogger:
         """A live note in the progress bar (e.g. waiting for the teacher); "" clears it."""
         self._bar.set_postfix_str(text, refresh=True)
 
+    def warn(self, step: int, event: str, values: Mapping[str, Any], text: str, tag: str) -> None:
+        """A warning: an ``event`` record in metrics.jsonl, ``text`` printed above the progress
+        bar, and ``tag`` kept in the bar's description."""
+        record = {"step": step, "event": event, **{k: _plain(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self._bar.write(f"WARNING [step {step}] {text}")
+        self._bar.set_description(f"train [{tag}]", refresh=False)
+
     def close(self) -> None:
         self._bar.close()
         self._file.close()
