@@ -239,7 +239,7 @@ def learner_steps(args: argparse.Namespace, model: str, deadline: float) -> list
 
     from gad_ray.config.hydra_app import compose
     from gad_ray.discriminator import DiscriminatorGroup
-    from gad_ray.driver.setup import cpu_threads_per_rank
+    from gad_ray.driver.setup import cpus_per_actor
     from gad_ray.learner import GeneratorGroup
     from gad_ray.models.loading import load_tokenizer, resolve_model_path
     from gad_ray.placement import plan_placement, release
@@ -263,8 +263,9 @@ def learner_steps(args: argparse.Namespace, model: str, deadline: float) -> list
     pairs = torch.arange(rows) // 2
     adv = torch.randn(rows, generator=torch.Generator().manual_seed(2))
     ids = lambda *bs: torch.cat([b.input_ids.flatten() for b in bs]).unique()  # noqa: E731
-    pools = plan_placement(cfg) if not args.tiny else {}
-    threads = cpu_threads_per_rank(cfg)
+    roles = ("generator", "discriminator")
+    pools = plan_placement(cfg, roles) if not args.tiny else {}
+    threads = cpus_per_actor(cfg, "generator", [roles])
     gen = disc = None
     results = []
     try:

@@ -229,9 +229,11 @@ class AdapterModel(nn.Module):
         use_cache: bool = False,
         response_mask: torch.Tensor | None = None,
         last_index: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> Any:
         """With ``adapter`` active: D's scores [B] for :data:`DISCRIMINATOR` (the backbone's last
-        hidden state through ``score``), else the causal LM's output (``.logits``)."""
+        hidden state through ``score``), else the causal LM's output (``.logits``, for the last
+        ``logits_to_keep`` positions when > 0)."""
         from gad_ray.discriminator.model import head_scores  # (it imports the learner package)
 
         with active_adapter(self.lm, adapter):
@@ -239,7 +241,12 @@ class AdapterModel(nn.Module):
                 backbone = self.lm.get_base_model().model
                 out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 return head_scores(out.last_hidden_state, self.score, response_mask, last_index)
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+            )
 
     def gradient_checkpointing_enable(self) -> None:
         self.lm.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})

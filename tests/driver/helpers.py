@@ -14,9 +14,11 @@ from gad_ray.driver.metrics import read_metrics
 
 # Wall-clock metrics, the only ones allowed to differ between two runs of the same config
 # (besides every "time/<phase>" key).
+# measured, not computed: times, throughputs, and the processes' peak memory (mem/*)
 WALL_CLOCK = frozenset(
     {"s_per_step", "gen_tokens_per_s", "g_tokens_per_s", "d_tokens_per_s", "g_step_s", "d_step_s"}
 )
+WALL_CLOCK_PREFIXES = ("time/", "mem/")
 
 
 def step_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -28,7 +30,11 @@ def event_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def without_wall_clock(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k not in WALL_CLOCK and not k.startswith("time/")}
+    return {
+        k: v
+        for k, v in record.items()
+        if k not in WALL_CLOCK and not k.startswith(WALL_CLOCK_PREFIXES)
+    }
 
 
 def assert_same_records(
