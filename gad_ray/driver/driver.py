@@ -305,11 +305,10 @@ class Driver:
         self.pending = None
         with self.timer("wait_rollout"):
             try:
-                samples, self.times["generate"], peak = future.result()
+                samples, times = future.result()
+                self.times |= times
             except RolloutWorkersLost as lost:
-                samples, peak = self.regenerate(s, x, lost), None
-        if peak is not None:
-            self.times[f"mem/{s.rollout}/generate_peak_gb"] = peak
+                samples = self.regenerate(s, x, lost)
         nxt = x.step + 1  # launched even past a stop_at: the checkpoint keeps it, as it must
         if (
             self.cfg.trainer.pipeline == "one_step_off"
@@ -355,7 +354,8 @@ class Driver:
         self.wake_and_sync(s.rollout, s.policy)
         sleep, log_memory = self.cfg.rollout.sleep_when_idle, self.cfg.trainer.log_memory
 
-        def job() -> tuple[list[Sample], float]:
+        def job() -> tuple[list[Sample], dict[str, float]]:
+            """The samples and this rollout's times (generate, sleep) and peak memory."""
             t0 = time.perf_counter()
             out = rollout.generate(
                 [e.prompt_ids for e in examples],
@@ -365,12 +365,16 @@ class Driver:
                 self.cfg.data.max_response_length,
                 seed=self.cfg.seed * 100_003 + step,
             )
-            seconds = time.perf_counter() - t0
-            peak = rollout.memory_stats(reset=True)["peak_gb"] if log_memory else None
+            times = {"generate": time.perf_counter() - t0}
+            if log_memory:
+                peak = rollout.memory_stats(reset=True)["peak_gb"]
+                times[f"mem/{s.rollout}/generate_peak_gb"] = peak
             if sleep:
+                t0 = time.perf_counter()
                 rollout.sleep()
                 self.roles.asleep.add(s.rollout)
-            return out, seconds, peak
+                times["sleep"] = time.perf_counter() - t0
+            return out, times
 
         return rollout.submit(job), self.versions.get(s.policy, 0)
 
@@ -449,10 +453,9 @@ class Driver:
             self.roles[name].save_checkpoint(str(ckpt / name))
         if self.pending is not None:  # the in-flight samples of the next step travel along
             nxt, future, version = self.pending
-            samples, seconds, peak = future.result()
+            samples, times = future.result()
             stale = self.versions.get(self.current.sampling.policy, 0) - version
-            saved = {"step": nxt, "samples": samples, "seconds": seconds, "staleness": stale}
-            saved["peak"] = peak
+            saved = {"step": nxt, "samples": samples, "times": times, "staleness": stale}
             torch.save(saved, ckpt / PENDING_FILE)
         state = {
             "step": step,
@@ -481,7 +484,7 @@ class Driver:
         if pending.is_file():
             saved = torch.load(pending, weights_only=False)
             future: Future = Future()
-            future.set_result((saved["samples"], saved["seconds"], saved["peak"]))
+            future.set_result((saved["samples"], saved["times"]))
             policy = self.current.sampling.policy
             self.pending = (saved["step"], future, self.versions[policy] - saved["staleness"])
         self.resume_ckpt = None
