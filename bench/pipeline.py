@@ -19,7 +19,7 @@ model, not a measurement).
 Generator path (``--generator-path``): 16 prompts x 4 samples x 16 tokens on ``tiny:small``:
 vLLM generation + G's GRPO update (KL to the reference) + the weight sync, against the same GRPO
 step in one process (HF ``generate``, then the policy and reference passes, AdamW), both timed in
-this run.
+this run; the single-process update is split into its parts (where a learner's time goes).
 
 Run: ``python bench/pipeline.py`` (~6 min on 2 cores). ``--steps``, ``--set KEY=VALUE``.
 """
@@ -27,6 +27,7 @@ Run: ``python bench/pipeline.py`` (~6 min on 2 cores). ``--steps``, ``--set KEY=
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -142,7 +143,7 @@ def _logp(model: Any, batch: Any, temperature: float) -> Any:
     return F.pad(token_logprobs(logits[:, :-1], batch.input_ids[:, 1:], temperature), (1, 0))
 
 
-def generator_path(repeats: int = 5) -> dict[str, float]:
+def generator_path(overrides: list[str], repeats: int = 5) -> dict[str, float]:
     """Median seconds of each part of the generator path, ours and single-process."""
     import random
 
@@ -157,7 +158,8 @@ def generator_path(repeats: int = 5) -> dict[str, float]:
     from gad_ray.models.loading import resolve_model_path
     from gad_ray.rollout.group import RolloutGroup
 
-    cfg = compose(["experiment=tiny_cpu", "algorithm.grpo.n_samples=4", "trainer.run_dir=/tmp/gp"])
+    base = ["experiment=tiny_cpu", "algorithm.grpo.n_samples=4", "trainer.run_dir=/tmp/gp"]
+    cfg = compose([*base, *overrides])
     path = resolve_model_path(cfg.model.student.path)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 2000) for _ in range(rng.randint(12, 24))] for _ in range(16)]
@@ -186,7 +188,8 @@ def generator_path(repeats: int = 5) -> dict[str, float]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
-    single: dict[str, list[float]] = {"generate": [], "g_update": []}
+    parts = ("policy forward", "reference forward", "backward", "optimizer")
+    single: dict[str, list[float]] = {k: [] for k in ("generate", "g_update", *parts)}
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         rows = []
@@ -206,21 +209,28 @@ def generator_path(repeats: int = 5) -> dict[str, float]:
         mask, adv = batch.response_mask, torch.randn(len(rows))[:, None] * batch.response_mask
 
         new = _logp(model, batch, t)
+        ticks = [t1, time.perf_counter()]
         with torch.no_grad():
             old_ref = _logp(ref, batch, t)
+        ticks.append(time.perf_counter())
         pg, _ = ppo_clip_loss(new, new.detach(), adv, mask)
         kl = aggregate_loss(kl_penalty(new, old_ref), mask, "token-mean")
         loss = aggregate_loss(pg, mask, "token-mean") + 0.001 * kl
         loss.backward()
+        ticks.append(time.perf_counter())
         opt.step()
         opt.zero_grad()
+        ticks.append(time.perf_counter())
         single["generate"].append(t1 - t0)
-        single["g_update"].append(time.perf_counter() - t1)
+        single["g_update"].append(ticks[-1] - t1)
+        for k, (a, b) in zip(parts, itertools.pairwise(ticks), strict=True):
+            single[k].append(b - a)
     med = lambda xs: statistics.median(xs[1:])  # noqa: E731 (the first is a warm-up)
     out = {f"ours {k}": med(v) for k, v in ours.items()}
     out["ours total"] = sum(out.values())
-    out |= {f"single-process {k}": med(v) for k, v in single.items()}
+    out |= {f"single-process {k}": med(v) for k, v in single.items() if k not in parts}
     out["single-process total"] = out["single-process generate"] + out["single-process g_update"]
+    out |= {f"  of which {k}": med(single[k]) for k in parts}
     return out
 
 
@@ -241,7 +251,7 @@ def main() -> None:
     if args.generator_path:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
-            parts = generator_path()
+            parts = generator_path(args.set)
         finally:
             ray.shutdown()
         print("\ngenerator path, 16 prompts x 4 samples x 16 tokens, tiny:small (median s)\n")

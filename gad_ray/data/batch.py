@@ -8,6 +8,7 @@ Per-token quantities elsewhere (logprobs, advantages, ...) are ``[B, T]`` tensor
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from dataclasses import dataclass, fields
 
@@ -126,13 +127,15 @@ def balanced_partition(weights: list[int], k: int, equal_size: bool = False) -> 
 def micro_batches(
     lengths: list[int], micro_batch_size: int | None, max_tokens: int | None
 ) -> list[list[int]]:
-    """Split ``range(len(lengths))`` into micro-batches balanced by token count.
+    """Split ``range(len(lengths))`` into micro-batches.
 
     With ``max_tokens`` (takes precedence): the fewest micro-batches (found by trying
-    ``ceil(sum / max_tokens)``, then one more, ...) whose sums all fit the budget; a sequence
-    longer than the budget gets a micro-batch of its own. Otherwise ``ceil(n /
+    ``ceil(sum / max_tokens)``, then one more, ...) whose token sums all fit the budget; a
+    sequence longer than the budget gets a micro-batch of its own. Otherwise ``ceil(n /
     micro_batch_size)`` micro-batches of at most ``micro_batch_size`` sequences (sizes differ by
-    at most one). Micro-batches are ordered by first index; deterministic; none is empty.
+    at most one) of neighbouring lengths: a micro-batch is padded to its longest row, so
+    grouping by length computes the fewest padding tokens. Micro-batches are ordered by first
+    index; deterministic; none is empty.
     """
     n = len(lengths)
     if n == 0:
@@ -143,7 +146,10 @@ def micro_batches(
                 f"need micro_batch_size >= 1 or max_tokens, got micro_batch_size="
                 f"{micro_batch_size} max_tokens={max_tokens}"
             )
-        return sorted(balanced_partition(lengths, math.ceil(n / micro_batch_size), equal_size=True))
+        k = math.ceil(n / micro_batch_size)
+        by_length = sorted(range(n), key=lambda i: (lengths[i], i))
+        bounds = [g * (n // k) + min(g, n % k) for g in range(k + 1)]
+        return sorted(sorted(by_length[a:b]) for a, b in itertools.pairwise(bounds))
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     alone = [[i] for i in range(n) if lengths[i] > max_tokens]
