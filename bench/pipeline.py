@@ -9,8 +9,9 @@ cores (``--rollout-cores``, ``--g-cores``, ``--d-cores``; every thread of the pr
     one_step_off  + the next step's generation runs while this step trains (trainer.pipeline)
 
 For each mode: median per-phase seconds over the GAD steps, the step time, and its ratio to the
-critical path ``max(rollout, learners)`` with rollout = generate + weight sync and learners =
-score + the D and G updates (their max when D and G have cores of their own, else their sum).
+step's critical path ``max(rollout, learners)`` (:func:`critical_path`, from the phase times as
+that step measured them: phases that overlap on shared cores each take longer, and the modes
+sample different responses, so their lengths and step times differ).
 
 Projected: the same pipeline model (the formulas in :func:`project`) fed with the phase seconds
 of the 7B recipe on GPUs (:data:`SEVEN_B`, with their inputs stated there: a FLOP and decode
@@ -72,6 +73,9 @@ def run_mode(mode: str, args: argparse.Namespace) -> list[dict]:
         "trainer.tensorboard=false",
         "cluster.log_to_driver=false",
         f"trainer.run_dir={run_dir}",
+        # as many threads as pinned cores (more would spin against each other on them)
+        f"rollout.cpus_per_worker={len(args.rollout_cores)}",
+        f"cluster.cpus_per_node={len(args.g_cores)}",
         *MODES[mode],
         *args.set,
     ]
@@ -89,15 +93,24 @@ def run_mode(mode: str, args: argparse.Namespace) -> list[dict]:
     return rows[args.skip :]
 
 
-def summarize(rows: list[dict], separate_d_g: bool) -> dict[str, float]:
-    """Median phase seconds, the step time, the critical path and their ratio."""
-    med = {p: statistics.median(r.get(f"time/{p}", 0.0) for r in rows) for p in PHASES}
-    med["step"] = statistics.median(r["s_per_step"] for r in rows)
-    rollout = med["generate"] + med["weight_sync"]
-    updates = (max if separate_d_g else sum)((med["d_update"], med["g_update"]))
-    med["critical"] = max(rollout, med["score"] + updates)
-    med["ratio"] = med["step"] / med["critical"]
-    return med
+def critical_path(p: dict[str, float], d_g_together: bool) -> float:
+    """``max(rollout, learners)`` of one step's phase seconds ``p``: rollout = generate + weight
+    sync, learners = score + the D and G updates (their max when they ran at the same time)."""
+    updates = (max if d_g_together else sum)((p["d_update"], p["g_update"]))
+    return max(p["generate"] + p["weight_sync"], p["score"] + updates)
+
+
+def summarize(rows: list[dict], d_g_together: bool) -> dict[str, float]:
+    """Medians over the steps of each phase, the step time, the critical path and their ratio
+    (the ratio per step first: response lengths, and so every phase, change from step to step)."""
+    phases = [{p: r.get(f"time/{p}", 0.0) for p in PHASES} for r in rows]
+    crit = [critical_path(p, d_g_together) for p in phases]
+    out = {p: statistics.median(ph[p] for ph in phases) for p in PHASES}
+    out["response_len"] = statistics.median(r["response_len_mean"] for r in rows)
+    out["step"] = statistics.median(r["s_per_step"] for r in rows)
+    out["critical"] = statistics.median(crit)
+    out["ratio"] = statistics.median(r["s_per_step"] / c for r, c in zip(rows, crit, strict=True))
+    return out
 
 
 def project(p: dict[str, float], mode: str, separate_d_g: bool = True) -> float:
@@ -262,17 +275,19 @@ def main() -> None:
         print(f"\nours / single-process: {ratio:.2f}")
         return
 
+    if len(args.g_cores) != len(args.d_cores):
+        ap.error("--g-cores and --d-cores need as many cores (learners get one thread count)")
     separate = not set(args.g_cores) & set(args.d_cores)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
-        results = {mode: summarize(run_mode(mode, args), separate) for mode in MODES}
+        results = {m: summarize(run_mode(m, args), m != "sync") for m in MODES}
     finally:
         ray.shutdown()
     print(
         f"\ncores: rollout {args.rollout_cores}, G {args.g_cores}, D {args.d_cores}; "
         f"median of {args.steps - args.skip} GAD steps (seconds)\n"
     )
-    cols = (*PHASES, "step", "critical", "ratio")
+    cols = ("response_len", *PHASES, "step", "critical", "ratio")
     print("| mode | " + " | ".join(cols) + " |")
     print("|---|" + "---:|" * len(cols))
     for mode, r in results.items():
