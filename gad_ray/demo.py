@@ -8,6 +8,7 @@ before warmup, after warmup and after GAD. Extra arguments are Hydra overrides.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import sys
@@ -19,6 +20,14 @@ from gad_ray.driver.metrics import read_metrics
 from gad_ray.synthetic.server import start_server_thread
 
 KEY_ENV = "GAD_DEMO_TEACHER_KEY"
+
+
+def default_run_dir(overrides: list[str]) -> str:
+    """``outputs/demo``, or ``outputs/demo-<hash>`` with overrides: a rerun resumes only the
+    run of the same overrides, never one that trained something else."""
+    if not overrides:
+        return "outputs/demo"
+    return f"outputs/demo-{hashlib.sha256(' '.join(overrides).encode()).hexdigest()[:8]}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             ],
             run_dir=next(
                 (o.split("=", 1)[1] for o in overrides if o.startswith("trainer.run_dir=")),
-                "outputs/demo",
+                default_run_dir(overrides),
             ),
         )
         run_dir = train(cfg)
