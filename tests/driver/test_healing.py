@@ -19,14 +19,10 @@ from gad_ray.driver.metrics import read_metrics
 from gad_ray.synthetic.server import start_server_thread
 
 from .conftest import TEACHER_KEY_ENV, tiny_overrides
+from .helpers import assert_same_records, step_records
 
-WALL_CLOCK = ("time/", "mem/", "s_per_step", "tokens_per_s", "step_s")
 # deterministic tasks (the multi-modal ones draw their answer at random per request)
 TASKS = "tasks=copy,upper,reverse,sort"
-
-
-def _steps(run_dir):
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "event" not in r]
 
 
 def _events(run_dir, name):
@@ -35,14 +31,7 @@ def _events(run_dir, name):
 
 def _assert_same_run(a_dir, b_dir):
     """Every step's every metric but wall-clock ones, and the exported student's weights."""
-    a, b = _steps(a_dir), _steps(b_dir)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b, strict=True):
-        keys = {k for k in ra if not any(w in k for w in WALL_CLOCK)}
-        assert keys == {k for k in rb if not any(w in k for w in WALL_CLOCK)}, ra["step"]
-        for k in keys:
-            want = pytest.approx(ra[k], rel=1e-5, abs=1e-6) if isinstance(ra[k], float) else ra[k]
-            assert rb[k] == want, (ra["step"], k)
+    assert_same_records(step_records(b_dir), step_records(a_dir))
     wa = load_file(a_dir / "final" / "model.safetensors")
     wb = load_file(b_dir / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()

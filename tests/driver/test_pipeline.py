@@ -4,23 +4,8 @@ import pytest
 import torch
 
 from gad_ray.driver.driver import Driver, train
-from gad_ray.driver.metrics import read_metrics
 
-WALL_CLOCK = ("time/", "mem/", "s_per_step", "tokens_per_s", "step_s")
-
-
-def _steps(run_dir):
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "event" not in r]
-
-
-def _same_metrics(a: list[dict], b: list[dict]) -> None:
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b, strict=True):
-        keys = {k for k in ra if not any(w in k for w in WALL_CLOCK)}
-        assert keys == {k for k in rb if not any(w in k for w in WALL_CLOCK)}, ra["step"]
-        for k in keys:
-            want = pytest.approx(ra[k], rel=1e-5, abs=1e-6) if isinstance(ra[k], float) else ra[k]
-            assert rb[k] == want, (ra["step"], k)
+from .helpers import assert_same_records, step_records
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +26,8 @@ def test_d_and_g_in_parallel_give_the_sequential_metrics(sync_run, make_cfg, tmp
             "trainer.overlap_d_g=true", "rollout.sleep_when_idle=true", "learner.offload_idle=true"
         )
     )
-    a, b = _steps(sync_run), _steps(overlap)
-    _same_metrics(a, b)
+    a, b = step_records(sync_run), step_records(overlap)
+    assert_same_records(a, b)
     gad = [r for r in b if r["stage"] == "gad"]
     assert all("time/d_update" in r and "time/g_update" in r for r in gad)
     assert all(r["rollout_staleness"] == 0 for r in a + b)
@@ -71,7 +56,7 @@ def off_run(ray_session, tmp_path_factory):
 
 
 def test_one_step_off_trains_on_one_step_stale_samples_with_real_ppo_ratios(off_run):
-    steps = _steps(off_run)
+    steps = step_records(off_run)
     assert [r["stage"] for r in steps] == ["warmup"] * 2 + ["gad"] * 3
     # step 0's samples come from the initial weights; every later step's from the weights
     # one update older than the policy that trains on them
@@ -96,4 +81,4 @@ def test_one_step_off_resumes_mid_pipeline_like_an_uninterrupted_run(off_run, ma
     saved = torch.load(f"{ckpt}/checkpoints/step_00000003/pending_samples.pt", weights_only=False)
     assert saved["step"] == 3 and saved["staleness"] == 1 and saved["samples"]
     resumed = train(cfg)
-    _same_metrics(_steps(off_run), _steps(resumed))
+    assert_same_records(step_records(off_run), step_records(resumed))
