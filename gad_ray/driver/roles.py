@@ -13,6 +13,7 @@ and stops the others.
 from __future__ import annotations
 
 import importlib.util
+import time
 from typing import Any
 
 import ray
@@ -28,6 +29,8 @@ from gad_ray.placement import (
     release,
     role_size,
 )
+
+MIN_FREE_CPUS = 0.01  # fewer free CPUs than this: the cluster is busy (Ray's unit is 1e-4)
 
 
 def preflight(cfg: Config, role_sets: list[tuple[str, ...]]) -> None:
@@ -139,22 +142,24 @@ class Roles:
                 f"{self.cfg.cluster.gpus_per_node} = {want}: set them to the cluster's"
             )
 
+    def cpu_need(self) -> float:
+        """CPU-only cluster: the CPUs the largest set of roles alive at one time asks for."""
+        return max(
+            sum(role_size(self.cfg, r)[0] * cpus_per_actor(self.cfg, r, self.role_sets) for r in rs)
+            for rs in self.role_sets
+        )
+
     def fit_cpus(self) -> float:
         """CPU-only cluster: the factor (<= 1) that shrinks every actor's CPU share so the roles
         alive at one time fit the CPUs Ray has free (they take turns on the cores anyway); a
         shrunk share still runs one thread."""
-
-        need = max(
-            sum(role_size(self.cfg, r)[0] * cpus_per_actor(self.cfg, r, self.role_sets) for r in rs)
-            for rs in self.role_sets
-        )
         free = ray.available_resources().get("CPU", 0.0)
-        if free <= 0:
+        if free < MIN_FREE_CPUS:
             raise ConfigError(
                 f"the Ray cluster has no free CPU for the roles ({ray.cluster_resources()}); "
                 "start it with more (ray start --num-cpus N) or stop what holds them"
             )
-        return min(1.0, free / need)
+        return min(1.0, free / self.cpu_need())
 
     def release_unused(self) -> None:
         """Disaggregated: give back the placement groups none of whose roles is running."""
@@ -200,8 +205,22 @@ class Roles:
         raise ValueError(f"unknown role {name!r}")
 
     def shutdown(self) -> None:
+        """Stop every group; on a CPU-only cluster, return once their CPUs are free again."""
         for group in {id(g): g for g in self.groups.values()}.values():
             group.shutdown()
         self.groups = {}
         release(self.places)
         self.places = {}
+        if not self.on_gpus:
+            self.wait_for_cpus(self.cpu_need() * self.cpu_scale)
+
+    @staticmethod
+    def wait_for_cpus(cpus: float, timeout_s: float = 30.0) -> None:
+        """Wait (up to ``timeout_s``) until Ray has ``cpus`` free: ``ray.kill`` returns before
+        an actor's process is gone, and roles built at once after (a restart, the next run in
+        this Ray session) would otherwise be fitted to the few CPUs not yet released."""
+        deadline = time.monotonic() + timeout_s
+        while ray.available_resources().get("CPU", 0.0) < cpus - 1e-6:
+            if time.monotonic() > deadline:
+                return  # someone else holds them: fit_cpus shrinks the next roles' shares
+            time.sleep(0.05)
