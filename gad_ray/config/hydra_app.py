@@ -1,4 +1,5 @@
-"""Hydra composition of ``conf/`` and the validated entry point shared by the console scripts."""
+"""Hydra composition of the config tree (``gad_ray/conf/``, shipped inside the package, so an
+installed wheel finds it) and the validated entry point shared by the console scripts."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gad_ray.config.schema import Config, InputError, validate_config
 
-CONF_DIR = os.environ.get("GAD_RAY_CONF_DIR") or str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # gad_ray/conf
 
 
 def to_config(cfg: DictConfig, check_model_context: bool = True) -> Config:

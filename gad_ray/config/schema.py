@@ -1,6 +1,6 @@
 """The whole gad-ray config as one pydantic schema, validated before any actor starts.
 
-The Hydra tree in ``conf/`` mirrors these classes: every group (``model``, ``algorithm``,
+The Hydra tree in ``gad_ray/conf/`` mirrors these classes: every group (``model``, ``algorithm``,
 ``rollout``, ``learner``, ``teacher``, ``cluster``) fills one field of :class:`Config`.
 Unknown keys, wrong types and impossible combinations raise :class:`ConfigError`, whose
 message names each offending key and value.
@@ -301,7 +301,7 @@ class WandbConfig(_Strict):
 
 class GuardsConfig(_Strict):
     """Reward-hacking guards (gad_ray/driver/guards.py): a bound per signal, checked over the
-    last ``window`` steps of ``stages``; None turns a bound off. Defaults: conf/config.yaml."""
+    last ``window`` steps of ``stages``; None turns a bound off. Defaults: gad_ray/conf/config.yaml."""
 
     enabled: bool = True
     action: Literal["warn", "stop"] = "warn"  # stop: also save a checkpoint and stop the run

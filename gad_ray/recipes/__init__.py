@@ -1,5 +1,5 @@
 """The algorithms: one module each (``gad_ray/recipes/<algorithm.name>.py``) plus its config file
-(``conf/algorithm/<name>.yaml``). Nothing else names them: the driver runs whatever stages a
+(``gad_ray/conf/algorithm/<name>.yaml``). Nothing else names them: the driver runs whatever stages a
 recipe returns and never branches on an algorithm's name.
 
 A recipe module defines

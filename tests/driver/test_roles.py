@@ -16,9 +16,7 @@ def four_cpus():
     ray.shutdown()
 
 
-def test_shutdown_returns_once_the_cpus_are_free_so_new_roles_get_full_shares(
-    four_cpus, tmp_path
-):
+def test_shutdown_returns_once_the_cpus_are_free_so_new_roles_get_full_shares(four_cpus, tmp_path):
     """G and D take 2 CPUs each (cluster.cpus_per_node=2), all 4 of the cluster. Roles built
     right after a shutdown (a restart, a resumed run in the same Ray session) must get the same
     shares: ray.kill returns before the processes exit, and fitting the new roles to the CPUs

@@ -18,6 +18,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import AutoModelForCausalLM
 
+from gad_ray.config.hydra_app import CONF_DIR
 from gad_ray.config.schema import ConfigError
 from gad_ray.discriminator import DiscriminatorGroup
 from gad_ray.learner import FSDP2Engine, GeneratorGroup
@@ -283,7 +284,7 @@ def test_offloaded_discriminator_scores_and_trains_like_before(ray_session, tiny
 def test_offload_idle_config(tiny_model_dir):
     """The knob defaults to off in both learner presets; DeepSpeed ZeRO-3 with param_offload
     cannot offload its states and is refused naming the keys."""
-    conf = Path(__file__).parents[2] / "conf" / "learner"
+    conf = Path(CONF_DIR) / "learner"
     for preset in ("fsdp", "deepspeed"):
         assert yaml.safe_load((conf / f"{preset}.yaml").read_text())["offload_idle"] is False
     assert make_cfg(tiny_model_dir).learner.offload_idle is False
