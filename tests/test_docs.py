@@ -10,6 +10,7 @@ loss ...``).
 from __future__ import annotations
 
 import re
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,7 @@ def github_slug(heading: str) -> str:
     return text.replace(" ", "-")
 
 
+@cache
 def headings(path: Path) -> list[str]:
     return [
         m.group(2)
