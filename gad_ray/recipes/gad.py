@@ -40,11 +40,18 @@ LEARNERS = ("generator", "discriminator")
 
 
 def check(cfg: Config) -> Iterator[str]:
-    n = cfg.algorithm.grpo.n_samples
-    if n < 2:
+    g = cfg.algorithm.grpo
+    if g.n_samples < 2:
         yield (
-            f"algorithm.grpo.n_samples={n}: GRPO needs at least 2 samples per prompt "
+            f"algorithm.grpo.n_samples={g.n_samples}: GRPO needs at least 2 samples per prompt "
             f"for algorithm.name={cfg.algorithm.name}"
+        )
+    if g.top_p < 1:
+        yield (
+            f"algorithm.grpo.top_p={g.top_p}: G's policy gradient computes its log-probs on the "
+            f"full softmax(logits / algorithm.grpo.temperature), so samples must come from "
+            f"that distribution: set algorithm.grpo.top_p=1.0 for algorithm.name="
+            f"{cfg.algorithm.name} (docs/placement.md, Sampling)"
         )
 
 
