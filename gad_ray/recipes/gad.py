@@ -130,7 +130,9 @@ def gad_step(d: Any, x: StepInput) -> dict[str, Any]:
     k = d.cfg.algorithm.gad.d_steps_per_g_step
     updates = {"discriminator": lambda disc: d_steps(disc, x, k)}
     if x.index >= d.cfg.algorithm.gad.d_only_steps:
-        updates["generator"] = lambda gen: gen.train_grpo(x.student, adv, x.old_logprobs)
+        updates["generator"] = lambda gen: gen.train_grpo(
+            x.student, adv, x.old_logprobs, x.rollout_logprobs
+        )
     return metrics | d.update(updates)
 
 
@@ -142,7 +144,9 @@ def frozen_d_gad_step(d: Any, x: StepInput) -> dict[str, Any]:
     metrics |= prefix("d_", bt_loss(teacher_scores[x.pairs], rewards)[1])
     updates = {}
     if x.index >= d.cfg.algorithm.gad.d_only_steps:
-        updates["generator"] = lambda gen: gen.train_grpo(x.student, adv, x.old_logprobs)
+        updates["generator"] = lambda gen: gen.train_grpo(
+            x.student, adv, x.old_logprobs, x.rollout_logprobs
+        )
     return metrics | d.update(updates)
 
 
