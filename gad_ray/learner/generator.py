@@ -204,6 +204,7 @@ class GeneratorWorker(LearnerWorker):
         old_logprobs: torch.Tensor | None,
         den: float,
         num_tokens: float,
+        rollout_logprobs: torch.Tensor | None = None,
     ) -> dict[str, float]:
         g = self.cfg.algorithm.grpo
         temp = g.temperature  # the sampling distribution: softmax(logits / T)
@@ -226,6 +227,9 @@ class GeneratorWorker(LearnerWorker):
                 "approx_kl": float(stats["approx_kl"].sum()) / num_tokens,
                 "entropy": float((ent.detach() * mask).sum()) / num_tokens,
             }
+            if rollout_logprobs is not None:  # the rollout's own log-probs of these tokens
+                gap = (logp.detach() - rollout_logprobs[rows, :t].to(self.device)).abs()
+                metrics["logprob_gap"] = float((gap * mask).sum()) / num_tokens
             reference = self.reference_policy()
             if reference is not None:
                 with torch.no_grad():
@@ -406,29 +410,37 @@ class GeneratorGroup(LearnerGroup):
         return self.run_batch("train_sft", batch, den)[0]
 
     def train_grpo(
-        self, batch: TokenBatch, advantages: torch.Tensor, old_logprobs: torch.Tensor | None = None
+        self,
+        batch: TokenBatch,
+        advantages: torch.Tensor,
+        old_logprobs: torch.Tensor | None = None,
+        rollout_logprobs: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One optimizer step of PPO-clip + ``kl_coef`` * KL(reference) - ``entropy_coef`` * H,
         every log-prob at the sampling temperature ``algorithm.grpo.temperature``.
 
         ``advantages`` are [B] (broadcast to response tokens) or [B, T]; ``old_logprobs`` [B, T]
         (of the sampling policy, at that temperature) default to the current policy's
-        (on-policy: ratio 1).
+        (on-policy: ratio 1). ``rollout_logprobs`` [B, T], the rollout backend's log-probs of
+        the sampled tokens, only measure ``logprob_gap``: the mean |current policy's log-prob -
+        rollout's| over the response tokens (0 up to kernel rounding when the rollout holds the
+        current weights; docs/placement.md, "Sampling").
         """
         method = "GeneratorGroup.train_grpo"
         _check_batch(batch, method)
         if advantages.dim() == 1 and advantages.shape[0] == len(batch):
             advantages = broadcast_to_tokens(advantages.float(), batch.response_mask)
         _check_token_tensor(advantages, batch, "advantages", method)
-        if old_logprobs is not None:
-            _check_token_tensor(old_logprobs, batch, "old_logprobs", method)
+        for name, lp in (("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs)):
+            if lp is not None:
+                _check_token_tensor(lp, batch, name, method)
         g = self.cfg.algorithm.grpo
         den = loss_denominator(
             batch.response_mask, g.loss_agg_mode, self.cfg.data.max_response_length
         )
         num_tokens = float(batch.response_mask.sum())
         return self.run_batch(
-            "train_grpo", batch, advantages.float(), old_logprobs, den, num_tokens
+            "train_grpo", batch, advantages.float(), old_logprobs, den, num_tokens, rollout_logprobs
         )[0]
 
     def train_distill(
