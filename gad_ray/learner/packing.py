@@ -6,8 +6,9 @@ instead: the rows' real tokens concatenated, position ids restarting at 0 at eac
 attention mask. transformers then keeps attention within each row: its mask code reads the
 packed layout from the position ids (``masking_utils.find_packed_sequence_indices``) and builds
 a block-causal mask for ``sdpa``/``eager``/``flex_attention``, while flash-attention's varlen
-kernel gets ``cu_seqlens`` from them (``modeling_flash_attention_utils``). No padding token is
-computed; per-token results are scattered back to the padded ``[b, t]`` layout, so losses,
+kernel gets ``cu_seqlens`` from them (``modeling_flash_attention_utils``). It does so only
+without a KV cache: every forward here passes ``use_cache=False`` (with a cache the packed row
+would be one causal sequence, tested). No padding token is computed; per-token results are scattered back to the padded ``[b, t]`` layout, so losses,
 advantages and old log-probs line up with the host's :class:`TokenBatch` as before.
 
 The LM head runs only where it is read: packed, at the positions that predict a response token;
