@@ -17,7 +17,7 @@ padded, from the micro-batch's shortest prompt on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -82,8 +82,8 @@ def micro_batch(
 ) -> MicroBatch:
     """Rows ``rows`` of ``batch`` on ``device`` (trailing padding columns trimmed), packed or not."""
     mb = batch.select(rows).to(device)
-    fields = {name: getattr(mb, name) for name in TokenBatch.__dataclass_fields__}
-    return MicroBatch(**fields, packed=pack(mb) if packed else None)
+    rows_on_device = {f.name: getattr(mb, f.name) for f in fields(TokenBatch)}
+    return MicroBatch(**rows_on_device, packed=pack(mb) if packed else None)
 
 
 def attn_implementation(module: nn.Module) -> str:
