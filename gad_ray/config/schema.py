@@ -218,7 +218,12 @@ class LearnerConfig(_Strict):
     generator_ranks: int = Field(1, ge=1)
     discriminator_ranks: int = Field(1, ge=1)
     micro_batch_size: int = Field(4, ge=1)  # sequences per micro batch per rank
-    max_tokens_per_micro_batch: int | None = Field(None, gt=0)  # dynamic batching budget
+    # dynamic batching: tokens COMPUTED per micro batch and rank, rows x longest row (padded) or
+    # the packed length; rows of neighbouring lengths share a micro batch (docs/placement.md)
+    max_tokens_per_micro_batch: int | None = Field(None, gt=0)
+    # packed sequences (no padding in the forward): auto packs under flash-attention's varlen
+    # kernels only; true also under sdpa/eager (a block-causal mask); false pads
+    packing: Literal["auto"] | bool = "auto"
     param_offload: bool = False
     optimizer_offload: bool = False
     reference_offload: bool = False

@@ -36,6 +36,7 @@ from gad_ray.learner.lora import (
     export_lora,
     is_lora_param,
 )
+from gad_ray.learner.packing import MicroBatch, discriminator_scores
 from gad_ray.learner.worker import LearnerWorker
 from gad_ray.models.loading import load_tokenizer, model_max_context
 from gad_ray.placement import RolePlacement
@@ -94,14 +95,13 @@ class DiscriminatorWorker(LearnerWorker):
         )
 
     def scorer(self) -> Callable[..., torch.Tensor]:
-        """D's forward: ``(input_ids, attention_mask, response_mask) -> scores [B]``."""
+        """D's forward: ``(input_ids, attention_mask, response_mask | last_index,
+        position_ids) -> scores [B]`` (:class:`~gad_ray.discriminator.model.DiscriminatorModel`)."""
         return self.engine.module
 
-    def row_values(self, mb: TokenBatch) -> torch.Tensor:
+    def row_values(self, mb: MicroBatch) -> torch.Tensor:
         """``D(x, y)`` [b, 1] of each row (the surrogate step's value)."""
-        return self.scorer()(
-            input_ids=mb.input_ids, attention_mask=mb.attention_mask, response_mask=mb.response_mask
-        )[:, None]
+        return discriminator_scores(self.scorer(), mb)[:, None]
 
     def save_pretrained(self, path: str) -> None:
         """HF ``ForSequenceClassification`` export (+ the student's tokenizer) by rank 0, in

@@ -56,12 +56,14 @@ def head_scores(
     response_mask: torch.Tensor | None,
     last_index: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Scores [B]: ``score`` at each row's ``last_index`` (default: its last response token)."""
+    """Scores [B]: ``score`` at each row's ``last_index`` (default: its last response token).
+    ``hidden`` [1, N, h] of a packed micro-batch (B sequences in one row): ``last_index`` [B]
+    are positions in that row."""
     if last_index is None:
         if response_mask is None:
             raise ValueError("DiscriminatorModel.forward needs response_mask or last_index")
         last_index = last_response_index(response_mask)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    rows = torch.arange(len(last_index), device=hidden.device) if hidden.shape[0] > 1 else 0
     h = hidden[rows, last_index.to(hidden.device)]
     # a fresh [B] tensor, not a view: FSDP2 hooks the root's output for its pre-backward
     # all-gather, and an in-place op on a view of it would skip that hook
@@ -106,13 +108,18 @@ class DiscriminatorModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         response_mask: torch.Tensor | None = None,
         last_index: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Scores [B]: the head at ``last_index`` (default: the last response token of each row)."""
+        """Scores [B]: the head at ``last_index`` (default: the last response token of each row);
+        packed sequences: ``position_ids``, no ``attention_mask`` (:mod:`gad_ray.learner.packing`)."""
         hidden = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
         ).last_hidden_state
         return head_scores(hidden, self.score, response_mask, last_index)
 

@@ -17,19 +17,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from gad_ray.algorithms import (
     aggregate_loss,
     broadcast_to_tokens,
-    entropy_from_logits,
     kl_penalty,
     loss_denominator,
     ppo_clip_loss,
-    proxy_kd_loss_topk,
     sft_loss_mat,
-    token_logprobs,
 )
 from gad_ray.config.schema import Config, LoraSpec
 from gad_ray.data.batch import TokenBatch
@@ -50,39 +46,10 @@ from gad_ray.learner.lora import (
     is_lora_param,
     peft_key,
 )
+from gad_ray.learner.packing import MicroBatch, distill_loss, policy_logprobs
 from gad_ray.learner.worker import LearnerWorker
 from gad_ray.models.loading import load_causal_lm, load_tokenizer, model_max_context
 from gad_ray.placement import RolePlacement
-
-
-def policy_logprobs(
-    model: nn.Module,
-    mb: TokenBatch,
-    temperature: float = 1.0,
-    entropy: bool = False,
-    entropy_grad: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Aligned log-probs [b, t] of ``mb``'s tokens under ``softmax(logits / temperature)``
-    (position t: token t given < t) and, with ``entropy``, the entropy [b, t] of that
-    distribution: detached unless ``entropy_grad`` (no [tokens, vocab] graph is kept for a
-    metric). Only positions from the micro-batch's shortest prompt on are computed (0 before):
-    the LM head never runs on the prompt tokens every row shares, which saves their
-    [tokens, vocab] logits, often the largest tensor of a step."""
-    first = max(1, int(mb.prompt_lens.min()))  # no row has a response token before this
-    keep = mb.input_ids.shape[1] - first + 1  # logits at positions first - 1 .. t - 1
-    logits = model(
-        input_ids=mb.input_ids,
-        attention_mask=mb.attention_mask,
-        use_cache=False,
-        logits_to_keep=keep,
-    ).logits[:, :-1]
-    logp = F.pad(token_logprobs(logits, mb.input_ids[:, first:], temperature), (first, 0))
-    if not entropy:
-        return logp, None
-    if entropy_grad:
-        return logp, F.pad(entropy_from_logits(logits, temperature), (first, 0))
-    with torch.no_grad():
-        return logp, F.pad(entropy_from_logits(logits.detach(), temperature), (first, 0))
 
 
 def _check_batch(batch: TokenBatch, method: str) -> None:
@@ -189,7 +156,7 @@ class GeneratorWorker(LearnerWorker):
 
     # -- training -------------------------------------------------------------------------
     def train_sft(self, batch: TokenBatch, plan: list[list[int]], den: float) -> dict[str, float]:
-        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        def loss_fn(rows: list[int], mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
             logp, _ = policy_logprobs(self.policy(), mb)
             loss = aggregate_loss(sft_loss_mat(logp), mb.response_mask, "token-mean", den)
             return loss, {"loss": loss.item()}
@@ -209,7 +176,7 @@ class GeneratorWorker(LearnerWorker):
         g = self.cfg.algorithm.grpo
         temp = g.temperature  # the sampling distribution: softmax(logits / T)
 
-        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        def loss_fn(rows: list[int], mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
             mask, t = mb.response_mask, mb.input_ids.shape[1]
             adv = advantages[rows, :t].to(self.device)
             logp, ent = policy_logprobs(
@@ -257,22 +224,10 @@ class GeneratorWorker(LearnerWorker):
         token_den: float,
         seq_den: float,
     ) -> dict[str, float]:
-        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        def loss_fn(rows: list[int], mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
             t, dev = mb.input_ids.shape[1], self.device
-            logits = self.policy()(
-                input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
-            ).logits[:, :-1]
-            loss, m = proxy_kd_loss_topk(
-                logits,
-                top_logp[rows, 1:t].to(dev),
-                top_ids[rows, 1:t].to(dev),
-                mb.input_ids[:, 1:],
-                mb.response_mask[:, 1:],
-                weights[rows].to(dev),
-                alpha,
-                token_den,
-                seq_den,
-            )
+            targets = top_logp[rows, :t].to(dev), top_ids[rows, :t].to(dev), weights[rows].to(dev)
+            loss, m = distill_loss(self.policy(), mb, *targets, alpha, token_den, seq_den)
             return loss, {"ce": m["ce"], "kd": m["kd"], "loss": loss.item()}
 
         return self.train_step(batch, plan, loss_fn)

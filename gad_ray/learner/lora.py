@@ -224,26 +224,34 @@ class AdapterModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         adapter: str = GENERATOR,
         use_cache: bool = False,
         response_mask: torch.Tensor | None = None,
         last_index: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
+        position_ids: torch.Tensor | None = None,
     ) -> Any:
         """With ``adapter`` active: D's scores [B] for :data:`DISCRIMINATOR` (the backbone's last
         hidden state through ``score``), else the causal LM's output (``.logits``, for the last
-        ``logits_to_keep`` positions when > 0)."""
+        ``logits_to_keep`` positions when > 0, or those it lists). Packed sequences:
+        ``position_ids``, no ``attention_mask`` (:mod:`gad_ray.learner.packing`)."""
         from gad_ray.discriminator.model import head_scores  # (it imports the learner package)
 
         with active_adapter(self.lm, adapter):
             if adapter == DISCRIMINATOR:
                 backbone = self.lm.get_base_model().model
-                out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                out = backbone(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                )
                 return head_scores(out.last_hidden_state, self.score, response_mask, last_index)
             return self.lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                position_ids=position_ids,
                 use_cache=False,
                 logits_to_keep=logits_to_keep,
             )
