@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q '$(TORCH_SPEC)' || \
 	  $(PY) -m pip install -q '$(TORCH_SPEC)' --extra-index-url $(TORCH_INDEX)
 	$(PY) -m pip install -q -e '.[cpu,dev]'
-	@# README.md#install: pip drags in CUDA torchvision/torchaudio/torchcodec, which break transformers on CPU.
+	@# docs/install.md: pip drags in CUDA torchvision/torchaudio/torchcodec, which break transformers on CPU.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@rm -f $(VENV)/.installed-* && touch $@
 

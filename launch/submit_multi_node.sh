@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Two 8 x 80 GB nodes in one Ray cluster: the Qwen2.5-14B recipe (README "Will it fit?").
+# Two 8 x 80 GB nodes in one Ray cluster: the Qwen2.5-14B recipe (docs/plan.md).
 #   (teacher=api: export OPENAI_API_KEY on every node before ray start; actors inherit it)
 #   head:    ray start --head --num-gpus 8
 #   workers: ray start --address <head-ip>:6379 --num-gpus 8

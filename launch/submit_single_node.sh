@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One 8 x 80 GB node: the paper's Qwen2.5-7B <- GPT-5-Chat recipe, colocated (README "Will it fit?").
+# One 8 x 80 GB node: the paper's Qwen2.5-7B <- GPT-5-Chat recipe, colocated (docs/plan.md).
 #   export OPENAI_API_KEY=...                 # only if teacher=api, BEFORE ray start: actors
 #   ray start --head --num-gpus 8            # inherit it; it never travels in the job spec
 #   bash launch/submit_single_node.sh        # data: the released set from the hub

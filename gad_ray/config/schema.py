@@ -35,7 +35,7 @@ class LoraSpec(_Strict):
     """LoRA adapters (``peft``) on the model's linear layers; ``rank: 0`` trains every weight.
 
     With LoRA the base weights are frozen and held in the compute dtype; only the adapters (and
-    D's scalar head) are trained, as fp32 masters with their AdamW state (README "Fewer GPUs")."""
+    D's scalar head) are trained, as fp32 masters with their AdamW state (docs/lora.md)."""
 
     rank: int = Field(0, ge=0)  # 0: off (full fine-tuning)
     alpha: float = Field(16.0, gt=0)  # the update is (alpha / rank) * B A
@@ -523,7 +523,7 @@ def _combination_problems(cfg: Config):
 
 
 def _lora_problems(cfg: Config, roles: set[str]):
-    """LoRA combinations that cannot run (README "Fewer GPUs: LoRA")."""
+    """LoRA combinations that cannot run (docs/lora.md)."""
     s, d, lrn = cfg.model.student, cfg.model.discriminator, cfg.learner
     proxy = cfg.algorithm.proxy_kd.proxy
     if proxy is not None and proxy.lora.enabled:

@@ -1,7 +1,7 @@
 """LoRA adapters (``peft``) over one frozen base: building, switching, naming, merging, export.
 
 With ``model.*.lora.rank > 0`` a learner trains low-rank adapters ``W + (alpha / r) B A`` on the
-base's linear layers instead of the weights (README "Fewer GPUs: LoRA"). The base is frozen and
+base's linear layers instead of the weights (docs/lora.md). The base is frozen and
 held in the compute dtype; the adapters (and D's scalar head) are the trained fp32 masters.
 
 One base may carry several named adapters (:data:`GENERATOR`, :data:`REFERENCE`,

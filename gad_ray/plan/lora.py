@@ -1,4 +1,4 @@
-"""The memory plan's terms for a LoRA learner (README "Fewer GPUs: LoRA"; :mod:`gad_ray.plan`).
+"""The memory plan's terms for a LoRA learner (docs/lora.md; :mod:`gad_ray.plan`).
 
 With LoRA (``model.*.lora.rank`` r > 0) a learner rank holds, N ranks, P base parameters, A
 adapter parameters (r x (in + out) of every adapted linear layer, plus D's scalar head), c the

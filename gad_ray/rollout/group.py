@@ -28,7 +28,7 @@ class RolloutGroup(AsyncCalls):
     each sample's token count) and returns the samples prompt-major in prompt order.
     ``workers`` are the actor handles for :func:`gad_ray.rollout.weight_sync.send_weights`.
     With ``model.student.lora.rank`` > 0 they load ``model_path`` as the base once and serve
-    the adapter versions the generator sends (README "Fewer GPUs: LoRA").
+    the adapter versions the generator sends (docs/lora.md).
     """
 
     def __init__(

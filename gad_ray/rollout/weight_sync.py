@@ -63,7 +63,7 @@ def resolve_sync_method(
     learner rank (``num_workers <= num_senders``: rank i and worker i share GPU i), ``nccl``
     when disaggregated (NCCL cannot broadcast between processes sharing a GPU), else
     ``object_store``; on CPU ``object_store`` (a same-node object store is shared memory
-    already, and ``ipc`` is no faster there: see the README's benchmark). An explicit ``ipc``
+    already, and ``ipc`` is no faster there: see docs/benchmarks.md). An explicit ``ipc``
     on GPU needs that colocated layout.
     """
     on_gpu = torch.cuda.is_available()
@@ -275,7 +275,7 @@ def send_weights(
 
     ``adapter``: the tensors are a LoRA adapter (peft names) and this its
     ``adapter_config.json``; the workers keep their base weights and serve the adapter as a new
-    version from then on (README "Fewer GPUs: LoRA").
+    version from then on (docs/lora.md).
 
     Workers reload the weights and reset their prefix cache before this returns; a worker that
     fails raises :class:`WeightSyncError` naming it by ``worker_ids`` (its index in the rollout

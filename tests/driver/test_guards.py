@@ -131,7 +131,7 @@ def test_the_config_tree_carries_the_schema_defaults(make_cfg):
 # CPU runs (tiny model, synthetic teacher). The warmup ends with the student's samples shorter
 # than the teacher's (sampling at T=0.5), so the D it leaves rewards length. The healthy run
 # trains GAD at lr 1e-4; the frozen-D ablation at 1e-3 blows the length up within ~10 GAD steps.
-# Trajectories (seeded, reproducible) are in the README's "Reward-hacking guards".
+# Trajectories (seeded, reproducible) are in docs/operations.md, "Reward-hacking guards".
 
 WARMUP, GAD = 12, 30
 

@@ -64,7 +64,7 @@ def test_iter_buckets_respects_size():
 def test_resolve_sync_method_and_receivers():
     assert resolve_sync_method("auto") == "object_store"  # no CUDA here
     assert resolve_sync_method("auto", colocated=True, num_workers=2, num_senders=2) == (
-        "object_store"  # CPU: ipc is no faster (README benchmark)
+        "object_store"  # CPU: ipc is no faster (docs/benchmarks.md)
     )
     assert resolve_sync_method("gloo") == "gloo"
     assert resolve_sync_method("ipc", num_workers=3) == "ipc"  # CPU: one node is enough
