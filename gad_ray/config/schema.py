@@ -503,7 +503,7 @@ def _combination_problems(cfg: Config):
         "trainer.overlap_d_g=true": cfg.trainer.overlap_d_g is True,
     }
     for key in (k for k, on in overlapped.items() if on and cfg.cluster.gpus_per_node > 0):
-        if cfg.cluster.placement == "colocated":  # docs/placement.md "Rejected combinations"
+        if cfg.cluster.placement == "colocated":  # docs/placement.md#rejected-combinations
             yield (
                 f"{key} with cluster.placement=colocated on GPUs: it keeps vLLM awake while G "
                 "trains, or G and D resident at once, on one GPU, and the memory plan has no "

@@ -125,16 +125,27 @@ def test_restart_waits_until_the_stopped_roles_gpu_memory_is_free(four_gpus, tmp
     assert len(probe.polls) - polls == 4
 
 
-def test_restart_fails_naming_the_gpus_whose_memory_stays_held(four_gpus, tmp_path):
+@pytest.mark.parametrize("strict", [True, False])
+def test_restart_fails_naming_the_gpus_whose_memory_stays_held(strict, four_gpus, tmp_path):
+    """Before a restart's new roles (strict): an error naming each GPU still held, its node,
+    its memory now and before the roles; at the end of a run (not strict) the same as a
+    warning, so it cannot mask the run's own outcome."""
     probe = Probe()
     roles = gpu_roles(tmp_path, probe, timeout_s=1.0)
     roles.ensure(GAD)
     probe.used |= {"0": GIB // 2, "1": 35 * GIB}  # GPU 1 stays held (a process that hangs)
-    with pytest.raises(GpuMemoryHeld) as err:
-        roles.shutdown()
-    msg = str(err.value)
+    if strict:
+        with pytest.raises(GpuMemoryHeld) as err:
+            roles.shutdown()
+        msg = str(err.value)
+    else:
+        with pytest.warns(UserWarning) as warned:
+            roles.shutdown(strict=False)
+        msg = str(warned[0].message)
     ip = ray.util.get_node_ip_address()
     assert f"node {ip} GPU 1: 35.0 GiB in use, 0.5 GiB before the roles started" in msg, msg
     assert "GPU 0" not in msg and "1 s after" in msg
     assert roles.groups == {} and roles.held == {}  # torn down; a second shutdown does not wait
+    polls = len(probe.polls)
     roles.shutdown()
+    assert len(probe.polls) == polls
