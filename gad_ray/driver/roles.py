@@ -65,13 +65,19 @@ def _gpu_memory_used() -> dict[str, int] | None:
     return used
 
 
-def nvidia_smi_probe(node_id: str) -> dict[str, int]:
+def nvidia_smi_probe(node_id: str, timeout_s: float = 120.0) -> dict[str, int]:
     """The :data:`GpuProbe` of a GPU cluster: nvidia-smi on node ``node_id`` (a 0-CPU task). A
-    node without nvidia-smi (logical GPUs) reads as no memory in use: nothing to wait for."""
+    node without nvidia-smi (logical GPUs), or that does not answer within ``timeout_s``, reads
+    as no memory in use: nothing to wait for there."""
     where = NodeAffinitySchedulingStrategy(node_id, soft=False)
-    used = ray.get(_gpu_memory_used.options(scheduling_strategy=where).remote())
+    ref = _gpu_memory_used.options(scheduling_strategy=where).remote()
+    try:
+        used = ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        used = None
     if used is None:
-        why = f"node {node_id}: no nvidia-smi; restarts do not wait for its GPU memory"
+        why = f"node {node_id}: no GPU memory reading (nvidia-smi); not waiting for its GPUs"
         warnings.warn(why, stacklevel=2)
         return {}
     return used
@@ -190,10 +196,11 @@ class Roles:
                 self.record_gpus(self.groups[name])
         return new
 
-    def probe_gpus(self) -> dict[str, dict[str, int]]:
-        """Used memory of every GPU of the cluster's live GPU nodes: node id -> GPU id -> bytes."""
-        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
-        return {node: self.gpu_probe(node) for node in nodes}
+    def probe_gpus(self, nodes: set[str] | None = None) -> dict[str, dict[str, int]]:
+        """Used memory of the GPUs of the cluster's live GPU nodes (those of ``nodes``; default
+        all): node id -> GPU id -> bytes. A dead node is left out (its GPUs went with it)."""
+        live = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+        return {node: self.gpu_probe(node) for node in live if nodes is None or node in nodes}
 
     def record_gpus(self, group: Any) -> None:
         """Note the GPUs the actors of ``group`` were given (asked now: a role that dies later
@@ -306,9 +313,9 @@ class Roles:
         deadline = time.monotonic() + self.gpu_free_timeout_s
         while True:
             busy = []
-            for node, gpus in sorted(held.items()):
-                used, before = self.gpu_probe(node), self.gpus_before.get(node, {})
-                for gpu in sorted(gpus):
+            for node, used in sorted(self.probe_gpus(set(held)).items()):
+                before = self.gpus_before.get(node, {})
+                for gpu in sorted(held[node]):
                     if used.get(gpu, 0) > before.get(gpu, 0) + GPU_FREE_SLACK:
                         busy.append((node, gpu, used[gpu], before.get(gpu, 0)))
             if not busy:
