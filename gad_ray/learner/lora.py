@@ -88,7 +88,7 @@ def active_adapter(model: nn.Module, name: str) -> Iterator[None]:
     flip ``requires_grad`` (freezing the other adapters, unfreezing the reference), so this sets
     the layers' active adapter alone."""
     layers = list(tuner_layers(model))
-    with _activated(layers, [[name]] * len(layers)):
+    with _activated(layers, [[name] for _ in layers]):
         yield
 
 
