@@ -503,6 +503,17 @@ def _combination_problems(cfg: Config):
             "rollout.weight_sync=nccl with cluster.placement=colocated: NCCL cannot broadcast "
             "between processes on the same GPU (use ipc, object_store or auto)"
         )
+    overlapped = {
+        "trainer.pipeline=one_step_off": cfg.trainer.pipeline == "one_step_off",
+        "trainer.overlap_d_g=true": cfg.trainer.overlap_d_g is True,
+    }
+    for key in (k for k, on in overlapped.items() if on and cfg.cluster.gpus_per_node > 0):
+        if cfg.cluster.placement == "colocated":  # docs/placement.md#rejected-combinations
+            yield (
+                f"{key} with cluster.placement=colocated on GPUs: it keeps vLLM awake while G "
+                "trains, or G and D resident at once, on one GPU, and the memory plan has no "
+                "such overlapped phase; use cluster.placement=disaggregated, or drop the overlap"
+            )
     if cfg.rollout.weight_sync == "ipc" and cfg.cluster.gpus_per_node > 0:
         ranks, workers = cfg.learner.generator_ranks, cfg.rollout.num_workers
         if cfg.cluster.placement != "colocated" or workers > ranks:

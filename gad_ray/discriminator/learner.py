@@ -6,7 +6,8 @@ pair is nonlinear in BOTH of its scores, so a micro-batch holding a student row 
 teacher row cannot compute its own share of the loss: the step is the exact two-pass surrogate
 step of :meth:`~gad_ray.learner.group.LearnerGroup.surrogate_step` over ONE combined batch
 (teacher rows, then student rows), micro-batched and spread over ranks freely; a teacher row
-shared by n pairs is forwarded once per pass.
+shared by n pairs is forwarded once per pass. Every response reaching D ends the same way
+(:class:`~gad_ray.discriminator.ends.ResponseEnds`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import AutoModelForSequenceClassification
 from gad_ray.algorithms import bt_loss
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, concat_batches
+from gad_ray.discriminator.ends import ResponseEnds
 from gad_ray.discriminator.model import (
     DiscriminatorModel,
     check_discriminator_tokenizer,
@@ -141,6 +143,7 @@ class DiscriminatorGroup(LearnerGroup):
         path = model_path or discriminator_source(cfg)
         model_max_context(path)  # fails fast on the host with ModelLoadError naming the path
         check_discriminator_tokenizer(cfg)
+        self.ends = ResponseEnds.of(cfg)
         student = cfg.model.student
         super().__init__(
             DiscriminatorWorker,
@@ -157,7 +160,7 @@ class DiscriminatorGroup(LearnerGroup):
     def score(self, batch: TokenBatch) -> torch.Tensor:
         """``D(x, y)`` [B]: the head's output at each row's last response token."""
         _check_batch(batch, "batch", "DiscriminatorGroup.score")
-        return self.gather_rows("surrogate_values", batch)[:, 0]
+        return self.gather_rows("surrogate_values", self.ends.normalise(batch))[:, 0]
 
     def train_bt(
         self, teacher: TokenBatch, student: TokenBatch, pair_teacher_index: torch.Tensor
@@ -186,4 +189,5 @@ class DiscriminatorGroup(LearnerGroup):
             scores = values[:, 0]
             return bt_loss(scores[:n][idx], scores[n:], "mean")
 
-        return self.surrogate_step(concat_batches(teacher, student), loss)
+        ends = self.ends.normalise
+        return self.surrogate_step(concat_batches(ends(teacher), ends(student)), loss)

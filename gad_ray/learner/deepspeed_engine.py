@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -164,6 +165,12 @@ class DeepSpeedEngine(Engine):
             dist_init_required=False,
         )
         self.module = self.ds
+        if dtype != MASTER_DTYPE:  # D's ScoreHead computes with its fp32 master, not bf16
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            for m in _unwrap(self.ds).modules():
+                if getattr(m, "keep_fp32", False):
+                    m.fp32_master = partial(safe_get_full_fp32_param, m.weight)
         self.grad_factor = float(dist.get_world_size())
         self.zero_stage = lcfg.zero_stage
         self.frozen_on_cpu = (

@@ -180,6 +180,9 @@ def _shard(model: nn.Module, mesh: DeviceMesh, dtype: torch.dtype, offload: bool
     policy = CPUOffloadPolicy() if offload else OffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=policy)
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for m in [m for m in model.modules() if getattr(m, "keep_fp32", False)]:  # D's ScoreHead
+        fully_shard(m, mesh=mesh, mp_policy=fp32, offload_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy)
     return model
 
