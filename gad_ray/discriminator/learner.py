@@ -31,6 +31,7 @@ from gad_ray.discriminator.model import (
 from gad_ray.learner.checkpoint import export_hf
 from gad_ray.learner.engine import MASTER_DTYPE, build_engine, compute_dtype
 from gad_ray.learner.group import LearnerGroup
+from gad_ray.learner.load_once import reads_weights
 from gad_ray.learner.lora import (
     DISCRIMINATOR,
     adapter_config,
@@ -82,6 +83,7 @@ class DiscriminatorWorker(LearnerWorker):
             dtype=dtype if lora else MASTER_DTYPE,
             seed=self.cfg.seed,
             head_dtype=MASTER_DTYPE,
+            empty=not reads_weights(),  # rank 0 reads the weights, the engine broadcasts them
         )
         saved = None
         if lora:

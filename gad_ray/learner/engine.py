@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from gad_ray.config.schema import LearnerConfig, ModelSpec, OptimConfig
 from gad_ray.learner import checkpoint
+from gad_ray.learner.load_once import load_shards, reads_weights
 from gad_ray.learner.offload import CPU, move_module, move_optimizer_state, synchronize
 from gad_ray.learner.optim import build_optimizer, build_scheduler, set_base_lr
 
@@ -175,7 +176,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def _shard(model: nn.Module, mesh: DeviceMesh, dtype: torch.dtype, offload: bool) -> nn.Module:
+def _shard(model: nn.Module, device: torch.device, dtype: torch.dtype, offload: bool) -> nn.Module:
+    """``fully_shard`` each decoder layer and the root (a layer at a time on the device), then
+    fill the shards from rank 0's weights (the other ranks' ``model`` may be empty, on meta)."""
+    full = model.state_dict() if reads_weights() else {}  # rank 0's host copy, until filled
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     policy = CPUOffloadPolicy() if offload else OffloadPolicy()
     for layer in decoder_layers(model):
@@ -184,11 +189,8 @@ def _shard(model: nn.Module, mesh: DeviceMesh, dtype: torch.dtype, offload: bool
     for m in [m for m in model.modules() if getattr(m, "keep_fp32", False)]:  # D's ScoreHead
         fully_shard(m, mesh=mesh, mp_policy=fp32, offload_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy)
+    load_shards(model, full, device, CPU if offload else device)
     return model
-
-
-def _mesh(device: torch.device) -> DeviceMesh:
-    return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
 def reshard(model: nn.Module) -> None:
@@ -232,7 +234,7 @@ class FSDP2Engine(Engine):
         self.params_on_cpu = offload  # CPUOffloadPolicy: shards, grads and Adam state live on CPU
         self.frozen_on_cpu = lcfg.reference_offload and device.type == "cuda"
         if not sharded:
-            model = _shard(to_masters(model), _mesh(device), dtype, offload)
+            model = _shard(to_masters(model), device, dtype, offload)
         self.module, self.saved = model, saved
         self.params = [
             p
@@ -354,4 +356,4 @@ def build_frozen(
 
         return build_frozen_deepspeed(model, lcfg, device, dtype)
     offload = lcfg.reference_offload and device.type == "cuda"
-    return _shard(model, _mesh(device), dtype, offload).eval()
+    return _shard(model, device, dtype, offload).eval()
