@@ -1,7 +1,18 @@
 """The DeepSpeed ZeRO-2/3 :class:`~gad_ray.learner.engine.Engine`.
 
-``deepspeed.initialize`` shards an ordinary (already built) model: building it inside
-``deepspeed.zero.Init`` fails with transformers 5.19 (DeepSpeed 0.19.8). On CPU, DeepSpeed runs with
+The model arrives built on the host, rank 0's with the weights, the other ranks' empty on the
+meta device (gad_ray/learner/load_once.py). Building it inside ``deepspeed.zero.Init`` fails with
+transformers 5.19 (DeepSpeed 0.19.8), and ``deepspeed.initialize`` given an ordinary model moves
+the whole of it to the device before partitioning. So :func:`_place` prepares it first: under
+ZeRO-3 it partitions module by module (each parameter placed on the device in the compute dtype,
+broadcast from rank 0 and cut to this rank's partition by DeepSpeed's ``zero.Init(module=...)``
+conversion before the next arrives; the device never holds more than its partitions plus one
+module's parameters), under ZeRO-2 it replicates parameter by parameter from rank 0; then
+``deepspeed.initialize`` moves, casts and broadcasts nothing more. The module's parameters are
+in the compute dtype; ZeRO's fp32 masters are copies of them (exact for weights stored in bf16).
+With bf16 compute, gradients are reduced and accumulated in fp32 (``communication_data_type``,
+``data_types.grad_accum_dtype``), as FSDP2's ``reduce_dtype`` here. docs/placement.md, "Learner
+backends: loading and partitioning", lists the keys set and why. On CPU, DeepSpeed runs with
 ``DS_ACCELERATOR=cpu`` over the gloo group the worker initialised.
 
 Gradient accumulation is ours: the config sets ``managed_gradient_accumulation: false``, so

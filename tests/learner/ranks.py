@@ -94,8 +94,10 @@ def run_ranks(target: str, world: int = 2, timeout: float = 900, **kwargs: Any) 
             try:
                 rank, ok, value = out.get(timeout=timeout)
             except queue.Empty:
-                raise TimeoutError(f"{target}: ranks {sorted(set(range(world)) - set(results))} "
-                                   f"gave no result within {timeout} s") from None
+                raise TimeoutError(
+                    f"{target}: ranks {sorted(set(range(world)) - set(results))} "
+                    f"gave no result within {timeout} s"
+                ) from None
             if not ok:
                 raise AssertionError(f"{target} failed on rank {rank}:\n{value}")
             results[rank] = value

@@ -107,8 +107,9 @@ def construct_and_step(rank: int, world: int, port: int, model_dir: str) -> dict
     from gad_ray.learner.generator import policy_logprobs
     from gad_ray.models.loading import load_causal_lm
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     device, dtype = torch.device("cpu"), torch.bfloat16
     lcfg = LearnerConfig(backend="deepspeed", zero_stage=3)
     model = load_causal_lm(model_dir, dtype=torch.float32)  # every rank: a full host copy
@@ -134,10 +135,13 @@ def construct_and_step(rank: int, world: int, port: int, model_dir: str) -> dict
 
 
 def test_zero3_never_holds_the_whole_model_on_a_device(small_model_dir):
-    for rank, got in enumerate(run_ranks(f"{__name__}:construct_and_step",
-                                         model_dir=str(small_model_dir))):
+    for rank, got in enumerate(
+        run_ranks(f"{__name__}:construct_and_step", model_dir=str(small_model_dir))
+    ):
         limit = got["share"] + got["largest_layer"] + got["persistent"]
-        print(f"rank {rank}: peak {got['peak']} B (after construction {got['built']} B), "
-              f"limit {limit} B = share {got['share']} + largest layer {got['largest_layer']} "
-              f"+ persistent {got['persistent']}; whole model in fp32 {got['full_fp32']} B")
+        print(
+            f"rank {rank}: peak {got['peak']} B (after construction {got['built']} B), "
+            f"limit {limit} B = share {got['share']} + largest layer {got['largest_layer']} "
+            f"+ persistent {got['persistent']}; whole model in fp32 {got['full_fp32']} B"
+        )
         assert got["share"] <= got["built"] <= got["peak"] <= limit, (rank, got)

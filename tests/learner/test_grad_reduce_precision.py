@@ -55,14 +55,20 @@ def steps(rank: int, world: int, port: int, model_dir: str) -> dict:
     from gad_ray.learner.generator import policy_logprobs
     from gad_ray.models.loading import load_causal_lm
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     batch = make_token_batch(seed=11, n=world * MICRO_BATCHES * ROWS)
     den = float(batch.response_mask.sum())  # the global token-mean's denominator
     mine = list(range(rank * MICRO_BATCHES * ROWS, (rank + 1) * MICRO_BATCHES * ROWS))
     optim = OptimConfig(lr=1e-6, grad_clip=1.0, weight_decay=0.0)
-    cases = {"fsdp": ("fsdp", 3), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3),
-             "zero2_bf16": ("deepspeed", 2), "zero3_bf16": ("deepspeed", 3)}
+    cases = {
+        "fsdp": ("fsdp", 3),
+        "zero2": ("deepspeed", 2),
+        "zero3": ("deepspeed", 3),
+        "zero2_bf16": ("deepspeed", 2),
+        "zero3_bf16": ("deepspeed", 3),
+    }
     ours = deepspeed_engine.deepspeed_config
 
     def defaults(*args, **kwargs) -> dict:  # noqa: ANN002, ANN003
@@ -116,9 +122,11 @@ def results(tiny_model_dir, tmp_path_factory) -> dict:
 def test_deepspeed_accumulated_step_equals_fsdp2_with_fp32_reduction(results, stage):
     want, new, old = results["fsdp"], results[f"zero{stage}"], results[f"zero{stage}_bf16"]
     err_new, err_old = _rel_err(new["grads"], want["grads"]), _rel_err(old["grads"], want["grads"])
-    print(f"ZeRO-{stage} vs FSDP2, reduced gradient's relative error: fp32 reduction "
-          f"{err_new:.2e}, DeepSpeed's bf16 defaults {err_old:.2e}; grad norm "
-          f"{new['norm']:.9g} / {old['norm']:.9g} vs {want['norm']:.9g}")
+    print(
+        f"ZeRO-{stage} vs FSDP2, reduced gradient's relative error: fp32 reduction "
+        f"{err_new:.2e}, DeepSpeed's bf16 defaults {err_old:.2e}; grad norm "
+        f"{new['norm']:.9g} / {old['norm']:.9g} vs {want['norm']:.9g}"
+    )
     assert err_new <= GRAD_TOL
     assert err_old > 2**-12 > 100 * GRAD_TOL  # bf16 reduction: off by bf16 rounding
     assert new["norm"] == pytest.approx(want["norm"], rel=GRAD_TOL)

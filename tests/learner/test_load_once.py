@@ -50,8 +50,9 @@ def _gathered(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_learners(rank: int, world: int, port: int, model_dir: str, backend: str, stage: int,
-                   dtype: str) -> dict:
+def build_learners(
+    rank: int, world: int, port: int, model_dir: str, backend: str, stage: int, dtype: str
+) -> dict:
     """On each rank: G with its reference, D, then (LoRA) G's adapter stack and, under FSDP2,
     the shared base; what each holds, full, and the weight files this rank opened."""
     from gad_ray.discriminator.learner import DiscriminatorWorker
@@ -92,12 +93,14 @@ def _expected(model_dir, backend: str, dtype: torch.dtype) -> dict[str, dict[str
     want = {
         "g": params(load_causal_lm(path, torch.float32), master),
         "ref": params(load_causal_lm(path, dtype), lambda t: t),
-        "d": params(DiscriminatorModel.from_pretrained(path, torch.float32, SEED, torch.float32),
-                    master),
+        "d": params(
+            DiscriminatorModel.from_pretrained(path, torch.float32, SEED, torch.float32), master
+        ),
     }
     lora_spec = _cfg(path, "fsdp", 3, "float32", lora=True).model.student.lora
-    lm = add_adapters(load_causal_lm(path, dtype), {GENERATOR: lora_spec, REFERENCE: lora_spec},
-                      SEED)
+    lm = add_adapters(
+        load_causal_lm(path, dtype), {GENERATOR: lora_spec, REFERENCE: lora_spec}, SEED
+    )
     copy_adapter(lm, GENERATOR, REFERENCE)
     lora = params(AdapterModel(lm), lambda t: t)
     if backend == "deepspeed":  # every parameter of a DeepSpeed module is in the compute dtype
@@ -116,8 +119,11 @@ def test_only_rank0_reads_weights_and_every_rank_holds_a_normal_load(
     backend, stage, dtype, tiny_model_dir
 ):
     ranks = run_ranks(
-        f"{__name__}:build_learners", model_dir=str(tiny_model_dir), backend=backend,
-        stage=stage, dtype=dtype,
+        f"{__name__}:build_learners",
+        model_dir=str(tiny_model_dir),
+        backend=backend,
+        stage=stage,
+        dtype=dtype,
     )
     weights = str(tiny_model_dir / "model.safetensors")
     assert weights in ranks[0]["opened"]  # the recorder sees rank 0's reads
