@@ -32,7 +32,7 @@ from gad_ray.data.batch import TokenBatch
 from gad_ray.learner import checkpoint
 from gad_ray.learner.engine import MASTER_DTYPE, build_engine, build_frozen, compute_dtype
 from gad_ray.learner.group import LearnerGroup
-from gad_ray.learner.load_once import reads_weights
+from gad_ray.learner.load_once import empty_tensors, reads_weights
 from gad_ray.learner.lora import (
     GENERATOR,
     REFERENCE,
@@ -118,12 +118,14 @@ class GeneratorWorker(LearnerWorker):
         """The frozen base in the compute dtype with G's adapter, the KL reference's (a frozen
         copy of G's) and the ``more`` adapters (D's, on a shared base)."""
         spec = self.cfg.model.student
-        base = load_causal_lm(self.model_path, dtype=dtype, empty=not reads_weights())
+        empty = not reads_weights()  # rank 0 reads the weights, the engine broadcasts them
+        base = load_causal_lm(self.model_path, dtype=dtype, empty=empty)
         self.hf_config = base.config
         specs = {GENERATOR: spec.lora} | ({REFERENCE: spec.lora} if self.with_reference else {})
-        lm = add_adapters(base, specs | more, self.cfg.seed)
-        if self.with_reference:
-            copy_adapter(lm, GENERATOR, REFERENCE)
+        with empty_tensors(empty):
+            lm = add_adapters(base, specs | more, self.cfg.seed)
+            if self.with_reference:
+                copy_adapter(lm, GENERATOR, REFERENCE)
             for name, p in lm.named_parameters():
                 if is_adapter_param(name, REFERENCE):
                     p.requires_grad_(False)

@@ -13,6 +13,8 @@ a model that every rank loaded in full ends up with rank 0's values too.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -22,6 +24,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 def reads_weights() -> bool:
     """Whether this rank reads the weight files (global rank 0); the others build empty models."""
     return dist.get_rank() == 0
+
+
+def empty_tensors(empty: bool) -> AbstractContextManager:
+    """With ``empty``, build on the meta device (what is added to an empty model, e.g. LoRA
+    adapters, is filled from rank 0 too)."""
+    return torch.device("meta") if empty else nullcontext()
 
 
 def place(p: nn.Parameter, device: torch.device, dtype: torch.dtype | None = None) -> None:
