@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -66,7 +67,8 @@ def _rank_main(target: str, rank: int, world: int, port: int, kwargs: dict, out:
     try:
         module, name = target.split(":")
         fn = getattr(importlib.import_module(module), name)
-        out.put((rank, True, fn(rank=rank, world=world, port=port, **kwargs)))
+        result = fn(rank=rank, world=world, port=port, **kwargs)
+        out.put((rank, True, pickle.dumps(result)))  # by value: this process may be gone
     except BaseException:  # noqa: BLE001 - the parent reports it
         out.put((rank, False, traceback.format_exc()))
 
@@ -100,7 +102,7 @@ def run_ranks(target: str, world: int = 2, timeout: float = 900, **kwargs: Any) 
                 ) from None
             if not ok:
                 raise AssertionError(f"{target} failed on rank {rank}:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=30)

@@ -28,19 +28,42 @@ MICRO_BATCHES, ROWS = 4, 2  # per rank
 
 
 def full_grads(engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    """Each trained parameter's reduced, accumulated gradient, full, fp32 (collective)."""
+    """Each parameter's reduced, accumulated gradient, full, fp32, on every rank (collective):
+    read before the step (FSDP2's sharded grads, ZeRO-3's gradient partitions)."""
     from torch.distributed.tensor import DTensor
 
-    out = {}
     if hasattr(engine, "ds"):
         from deepspeed.utils import safe_get_full_grad
 
-        for name, p in engine.ds.module.named_parameters():
-            out[name] = safe_get_full_grad(p).float().clone()
-        return out
+        params = engine.ds.module.named_parameters()
+        return {name: safe_get_full_grad(p).float().clone() for name, p in params}
+    out = {}
     for name, p in engine.module.named_parameters():
         g = p.grad
         out[name] = (g.full_tensor() if isinstance(g, DTensor) else g).float().clone()
+    return out
+
+
+def zero2_grads_at_step(engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """ZeRO-2 frees its gradient partitions' per-parameter views before the inner optimizer
+    runs: the returned dict fills at the step, from the flat fp32 gradient the optimizer is
+    handed, each parameter's fragment put at its place and summed over ranks."""
+    import torch.distributed as dist
+
+    zero, out = engine.ds.optimizer, {}
+
+    def read(*_) -> None:  # noqa: ANN002
+        for name, p in engine.ds.module.named_parameters():
+            full = torch.zeros(p.numel(), dtype=torch.float32)
+            m = p._hp_mapping
+            if m is not None:
+                flat = zero.single_partition_of_fp32_groups[m.param_group_index].grad
+                dst, src = m.lp_fragment_address, m.hp_fragment_address
+                full.narrow(0, dst.start, dst.numel).copy_(flat.narrow(0, src.start, src.numel))
+            dist.all_reduce(full)
+            out[name] = full.view(p.shape)
+
+    zero.optimizer.register_step_pre_hook(read)
     return out
 
 
@@ -61,7 +84,7 @@ def steps(rank: int, world: int, port: int, model_dir: str) -> dict:
     batch = make_token_batch(seed=11, n=world * MICRO_BATCHES * ROWS)
     den = float(batch.response_mask.sum())  # the global token-mean's denominator
     mine = list(range(rank * MICRO_BATCHES * ROWS, (rank + 1) * MICRO_BATCHES * ROWS))
-    optim = OptimConfig(lr=1e-6, grad_clip=1.0, weight_decay=0.0)
+    optim = OptimConfig(lr=1e-6, grad_clip=None, weight_decay=0.0)  # grads as reduced
     cases = {
         "fsdp": ("fsdp", 3),
         "zero2": ("deepspeed", 2),
@@ -91,7 +114,7 @@ def steps(rank: int, world: int, port: int, model_dir: str) -> dict:
             logp, _ = policy_logprobs(engine.module, mb)
             loss = aggregate_loss(sft_loss_mat(logp), mb.response_mask, "token-mean", den)
             engine.backward(loss * engine.grad_factor)
-        grads = full_grads(engine)
+        grads = zero2_grads_at_step(engine) if stage == 2 else full_grads(engine)
         norm = engine.step()
         masters = {n: t.cpu() for n, t in engine.named_full_params()}
         if rank == 0:
