@@ -97,7 +97,8 @@ def steps(rank: int, world: int, port: int, model_dir: str) -> dict:
     def defaults(*args, **kwargs) -> dict:  # noqa: ANN002, ANN003
         """Ours without the fp32 reduction keys: DeepSpeed's bf16 defaults."""
         config = ours(*args, **kwargs)
-        del config["communication_data_type"], config["data_types"]
+        config.pop("communication_data_type", None)
+        config.pop("data_types", None)
         return config
 
     out = {}
