@@ -108,8 +108,8 @@ def deepspeed_config(
         # (DeepSpeed's defaults for both follow the compute dtype)
         config["communication_data_type"] = "fp32"
         config["data_types"] = {"grad_accum_dtype": "fp32"}
-    if ocfg is not None and ocfg.grad_clip:
-        config["gradient_clipping"] = ocfg.grad_clip
+    if ocfg is not None:  # DeepSpeed clips at 1.0 unless told otherwise; 0 turns it off
+        config["gradient_clipping"] = ocfg.grad_clip or 0.0
     return config
 
 

@@ -7,6 +7,10 @@ masters after the step are compared between FSDP2 (``reduce_dtype=fp32``) and De
 and ZeRO-3, with this repo's config and with DeepSpeed's own defaults (``communication_data_type``
 and ``grad_accum_dtype`` follow bf16), which the test shows to be off by bf16 rounding.
 
+No clipping (``grad_clip: null``; DeepSpeed clips at 1.0 unless its config says 0, as this repo's
+now does), so the step's gradient is the reduced one; each backend's pre-clip norm is compared
+with the fp64 norm of the gradient.
+
 The weights are bf16-representable (rounded once, as a released bf16 checkpoint is), so both
 backends start from the same fp32 masters and compute bitwise the same bf16 micro-batch
 gradients; what remains is the reduction and accumulation, each a few fp32 additions of the same
@@ -15,6 +19,8 @@ with margin, while one bf16 rounding alone is 2^-9.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -84,7 +90,7 @@ def steps(rank: int, world: int, port: int, model_dir: str) -> dict:
     batch = make_token_batch(seed=11, n=world * MICRO_BATCHES * ROWS)
     den = float(batch.response_mask.sum())  # the global token-mean's denominator
     mine = list(range(rank * MICRO_BATCHES * ROWS, (rank + 1) * MICRO_BATCHES * ROWS))
-    optim = OptimConfig(lr=1e-6, grad_clip=None, weight_decay=0.0)  # grads as reduced
+    optim = OptimConfig(lr=1e-6, grad_clip=None, weight_decay=0.0)  # no clipping
     cases = {
         "fsdp": ("fsdp", 3),
         "zero2": ("deepspeed", 2),
@@ -142,19 +148,41 @@ def results(tiny_model_dir, tmp_path_factory) -> dict:
     return run_ranks(f"{__name__}:steps", model_dir=str(path))[0]
 
 
+def test_deepspeed_config_reduces_in_fp32_and_clips_only_when_asked():
+    from gad_ray.config.schema import LearnerConfig, OptimConfig
+    from gad_ray.learner.deepspeed_engine import deepspeed_config
+
+    lcfg, cpu = LearnerConfig(backend="deepspeed", zero_stage=3), torch.device("cpu")
+    bf16 = deepspeed_config(lcfg, OptimConfig(grad_clip=None), cpu, torch.bfloat16)
+    assert bf16["communication_data_type"] == "fp32"
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert bf16["gradient_clipping"] == 0.0  # off: DeepSpeed's own default clips at 1.0
+    fp32 = deepspeed_config(lcfg, OptimConfig(grad_clip=0.2), cpu, torch.float32)
+    assert "communication_data_type" not in fp32 and fp32["gradient_clipping"] == 0.2
+    frozen = deepspeed_config(lcfg, None, cpu, torch.bfloat16)  # a forward-only reference
+    assert "communication_data_type" not in frozen and "gradient_clipping" not in frozen
+
+
+def _norm(grads: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_accumulated_step_equals_fsdp2_with_fp32_reduction(results, stage):
     want, new, old = results["fsdp"], results[f"zero{stage}"], results[f"zero{stage}_bf16"]
     err_new, err_old = _rel_err(new["grads"], want["grads"]), _rel_err(old["grads"], want["grads"])
+    norm = _norm(want["grads"])  # of the reduced gradient, in fp64
     print(
         f"ZeRO-{stage} vs FSDP2, reduced gradient's relative error: fp32 reduction "
-        f"{err_new:.2e}, DeepSpeed's bf16 defaults {err_old:.2e}; grad norm "
-        f"{new['norm']:.9g} / {old['norm']:.9g} vs {want['norm']:.9g}"
+        f"{err_new:.2e}, DeepSpeed's bf16 defaults {err_old:.2e}; pre-clip norm (fp64 of the "
+        f"gradient {norm:.9g}): fp32 {new['norm']:.9g}, bf16 defaults {old['norm']:.9g}, "
+        f"FSDP2 {want['norm']:.9g}"
     )
     assert err_new <= GRAD_TOL
     assert err_old > 2**-12 > 100 * GRAD_TOL  # bf16 reduction: off by bf16 rounding
-    assert new["norm"] == pytest.approx(want["norm"], rel=GRAD_TOL)
-    assert abs(old["norm"] - want["norm"]) > abs(new["norm"] - want["norm"])
-    # the step itself: the same fp32 masters, up to one ulp (the norm's last-bit rounding)
+    assert new["norm"] == pytest.approx(norm, rel=GRAD_TOL)
+    assert abs(old["norm"] - norm) > abs(new["norm"] - norm)
+    assert want["norm"] == pytest.approx(norm, rel=10 * GRAD_TOL)  # FSDP2's own fp32 norm
+    # the step itself (no clipping): the same fp32 masters, up to one ulp
     for name, t in want["masters"].items():
         torch.testing.assert_close(new["masters"][name], t, rtol=2**-23, atol=0, msg=name)
