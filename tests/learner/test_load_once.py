@@ -1,7 +1,9 @@
 """Loading once (gad_ray/learner/load_once.py): with 2 ranks only rank 0 opens the weight files,
 rank 1 builds its models empty, and every rank's parameters equal a normal load, bitwise: G and
-its reference, D (its fresh, seeded head), G's LoRA stack (adapters and the frozen reference
-adapter) and the shared base, under FSDP2 and DeepSpeed ZeRO-2/3 (fp32 and bf16 compute).
+its reference, D (with its fresh head, drawn from the seed on rank 0), G's LoRA stack (adapters
+and the frozen reference adapter), D's LoRA stack and, under FSDP2, the shared base (G's, the
+reference's and D's adapters and D's head); under FSDP2 (bf16 compute) and DeepSpeed ZeRO-2
+(fp32) and ZeRO-3 (bf16). The same test fails before loading once: rank 1 reads the weights.
 
 Each case runs the learners' real ``setup`` on two spawned processes (tests/learner/ranks.py),
 which record every weight file they open from their start."""
@@ -14,8 +16,15 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from gad_ray.config.schema import Config, validate_config
-from gad_ray.discriminator.model import DiscriminatorModel
-from gad_ray.learner.lora import GENERATOR, REFERENCE, AdapterModel, add_adapters, copy_adapter
+from gad_ray.discriminator.model import DiscriminatorModel, discriminator_config, new_head
+from gad_ray.learner.lora import (
+    DISCRIMINATOR,
+    GENERATOR,
+    REFERENCE,
+    AdapterModel,
+    add_adapters,
+    copy_adapter,
+)
 from gad_ray.models.loading import load_causal_lm
 from tests.learner.conftest import make_cfg
 from tests.learner.ranks import run_ranks, weight_files_opened
@@ -72,6 +81,9 @@ def build_learners(
     g_lora = GeneratorWorker(lora, rank, world, "generator", 1, model_dir, True, None)
     g_lora.setup()
     out["g_lora"] = dict(g_lora.engine.named_full_params())
+    d_lora = DiscriminatorWorker(lora, rank, world, "discriminator", 1, model_dir, model_dir, None)
+    d_lora.setup()
+    out["d_lora"] = dict(d_lora.engine.named_full_params())
     if backend == "fsdp":
         shared = SharedWorker(lora, rank, world, "shared", 1, model_dir, model_dir, True, None)
         shared.setup()
@@ -83,31 +95,30 @@ def build_learners(
 
 def _expected(model_dir, backend: str, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
     """A normal load, in one process, of what each learner holds: trained weights as fp32
-    masters (DeepSpeed's are copies of its compute-dtype weights), frozen ones in ``dtype``."""
-    path = str(model_dir)
-    master = (lambda t: t.to(dtype).float()) if backend == "deepspeed" else (lambda t: t)  # noqa: E731
+    masters, frozen ones in the compute ``dtype`` (a LoRA base, the reference); under DeepSpeed
+    every module parameter is in ``dtype`` and the masters are its copies."""
+    path, spec = str(model_dir), _cfg(model_dir, "fsdp", 3, "float32", lora=True).model.student.lora
 
-    def params(model: torch.nn.Module, cast) -> dict[str, torch.Tensor]:  # noqa: ANN001
-        return {n: cast(p.detach()) for n, p in model.named_parameters()}
+    def stack(more: dict) -> AdapterModel:  # G's LoRA stack (a base of its own or the shared one)
+        lm = add_adapters(
+            load_causal_lm(path, dtype), {GENERATOR: spec, REFERENCE: spec} | more, SEED
+        )
+        copy_adapter(lm, GENERATOR, REFERENCE)
+        return AdapterModel(lm)
 
-    want = {
-        "g": params(load_causal_lm(path, torch.float32), master),
-        "ref": params(load_causal_lm(path, dtype), lambda t: t),
-        "d": params(
-            DiscriminatorModel.from_pretrained(path, torch.float32, SEED, torch.float32), master
-        ),
-    }
-    lora_spec = _cfg(path, "fsdp", 3, "float32", lora=True).model.student.lora
-    lm = add_adapters(
-        load_causal_lm(path, dtype), {GENERATOR: lora_spec, REFERENCE: lora_spec}, SEED
-    )
-    copy_adapter(lm, GENERATOR, REFERENCE)
-    lora = params(AdapterModel(lm), lambda t: t)
-    if backend == "deepspeed":  # every parameter of a DeepSpeed module is in the compute dtype
-        lora = {n: t.to(dtype).float() for n, t in lora.items()}
-    else:  # the adapters are fp32 masters, the frozen base is in the compute dtype
-        lora = {n: t if ".lora_" in n else t.to(dtype) for n, t in lora.items()}
-    want["g_lora"] = lora
+    d_lora = DiscriminatorModel.from_pretrained(path, dtype, SEED, torch.float32)
+    d_lora.model = add_adapters(d_lora.model, {DISCRIMINATOR: spec}, SEED)
+    shared = stack({DISCRIMINATOR: spec})
+    shared.score = new_head(discriminator_config(shared.config), SEED)
+    models = {
+        "g": load_causal_lm(path, torch.float32),
+        "d": DiscriminatorModel.from_pretrained(path, torch.float32, SEED, torch.float32),
+        "g_lora": stack({}),
+        "d_lora": d_lora,
+    } | ({"shared": shared} if backend == "fsdp" else {})
+    cast = (lambda t: t.to(dtype).float()) if backend == "deepspeed" else (lambda t: t)  # noqa: E731
+    want = {k: {n: cast(p.detach()) for n, p in m.named_parameters()} for k, m in models.items()}
+    want["ref"] = {n: p.detach() for n, p in load_causal_lm(path, dtype).named_parameters()}
     return want
 
 
@@ -135,8 +146,3 @@ def test_only_rank0_reads_weights_and_every_rank_holds_a_normal_load(
             assert set(got[key]) == set(expected), (rank, key, set(got[key]) ^ set(expected))
             for name, t in expected.items():
                 assert torch.equal(got[key][name].cpu(), t), f"rank {rank} {key}: {name}"
-        if backend == "fsdp":  # the shared base: G's stack plus D's adapter and seeded head
-            shared = got["shared"]
-            for name, t in want["g_lora"].items():
-                assert torch.equal(shared[name].cpu(), t), f"rank {rank} shared: {name}"
-            assert torch.equal(shared["score.weight"], want["d"]["score.weight"])
