@@ -172,7 +172,7 @@ class DiscriminatorModel(nn.Module):
             dconfig = discriminator_config(config)
             with torch.device("meta"):
                 backbone = AutoModel.from_config(dconfig, dtype=dtype)
-                head = nn.Linear(dconfig.hidden_size, 1, bias=False, dtype=head_dtype)
+                head = ScoreHead(dconfig.hidden_size, head_dtype)
             return cls(backbone, head, dconfig)
         if is_discriminator_dir(config):
             full = AutoModelForSequenceClassification.from_pretrained(

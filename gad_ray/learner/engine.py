@@ -6,8 +6,9 @@ backend (FSDP2 here, DeepSpeed in ``deepspeed_engine.py``) is a drop-in replacem
 
 Precision: trained weights and optimizer state are fp32 ``MASTER_DTYPE``; the model spec's
 ``dtype`` is only the COMPUTE dtype (FSDP2 ``MixedPrecisionPolicy(param_dtype=compute,
-reduce_dtype=fp32)``, DeepSpeed bf16 with fp32 masters and fp32 gradient reduction). A bf16 master would round away an Adam
-step at lr 1e-6: the bf16 spacing near a weight of 0.02 is ~1.2e-4.
+reduce_dtype=fp32)``, DeepSpeed bf16 with fp32 masters and fp32 gradient reduction). A bf16
+master would round away an Adam step at lr 1e-6: the bf16 spacing near a weight of 0.02 is
+~1.2e-4.
 
 Loading: a model handed to an engine holds the weights on rank 0 (on the host) and may be empty,
 on the meta device, on the other ranks; the engines fill every rank's shards from rank 0's
