@@ -31,6 +31,7 @@ from gad_ray.discriminator.model import (
 from gad_ray.learner.checkpoint import export_hf
 from gad_ray.learner.engine import MASTER_DTYPE, build_engine, compute_dtype
 from gad_ray.learner.group import LearnerGroup
+from gad_ray.learner.load_once import empty_tensors, reads_weights
 from gad_ray.learner.lora import (
     DISCRIMINATOR,
     adapter_config,
@@ -77,16 +78,19 @@ class DiscriminatorWorker(LearnerWorker):
         spec = self.cfg.model.discriminator
         dtype = compute_dtype(spec, self.device)
         lora = spec.lora.enabled  # the backbone frozen in the compute dtype, adapter + head fp32
+        empty = not reads_weights()  # rank 0 reads the weights, the engine broadcasts them
         model = DiscriminatorModel.from_pretrained(
             self.model_path,
             dtype=dtype if lora else MASTER_DTYPE,
             seed=self.cfg.seed,
             head_dtype=MASTER_DTYPE,
+            empty=empty,
         )
         saved = None
         if lora:
             self.lora_specs = {DISCRIMINATOR: spec.lora}
-            model.model = add_adapters(model.model, self.lora_specs, self.cfg.seed)
+            with empty_tensors(empty):
+                model.model = add_adapters(model.model, self.lora_specs, self.cfg.seed)
             saved = lambda n: is_lora_param(n) or n.startswith("score.")  # noqa: E731
         self.hf_config = model.config
         if spec.gradient_checkpointing:

@@ -158,14 +158,22 @@ class DiscriminatorModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
         head_dtype: torch.dtype | None = None,
+        empty: bool = False,
     ) -> DiscriminatorModel:
         """Load a discriminator directory, or a causal LM's backbone plus a new head drawn from
         N(0, initializer_range) with ``seed`` (independent of the global RNG); the head in
-        ``head_dtype`` (default ``dtype``)."""
+        ``head_dtype`` (default ``dtype``). With ``empty``, the architecture only, on the meta
+        device, no weight file read (a learner rank that receives rank 0's weights)."""
         head_dtype = head_dtype or dtype
         model_max_context(spec)  # raises ModelLoadError naming the spec when it cannot resolve
         path = resolve_model_path(spec)
         config = AutoConfig.from_pretrained(path)
+        if empty:
+            dconfig = discriminator_config(config)
+            with torch.device("meta"):
+                backbone = AutoModel.from_config(dconfig, dtype=dtype)
+                head = ScoreHead(dconfig.hidden_size, head_dtype)
+            return cls(backbone, head, dconfig)
         if is_discriminator_dir(config):
             full = AutoModelForSequenceClassification.from_pretrained(
                 path, dtype=dtype, num_labels=1

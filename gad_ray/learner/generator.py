@@ -32,6 +32,7 @@ from gad_ray.data.batch import TokenBatch
 from gad_ray.learner import checkpoint
 from gad_ray.learner.engine import MASTER_DTYPE, build_engine, build_frozen, compute_dtype
 from gad_ray.learner.group import LearnerGroup
+from gad_ray.learner.load_once import empty_tensors, reads_weights
 from gad_ray.learner.lora import (
     GENERATOR,
     REFERENCE,
@@ -102,26 +103,29 @@ class GeneratorWorker(LearnerWorker):
                 model, lcfg, optim, self.device, dtype, self.total_steps, saved=is_lora_param
             )
             return
-        model = load_causal_lm(self.model_path, dtype=MASTER_DTYPE)
+        empty = not reads_weights()  # rank 0 reads the weights, the engines broadcast them
+        model = load_causal_lm(self.model_path, dtype=MASTER_DTYPE, empty=empty)
         self.hf_config = model.config
         if spec.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable({"use_reentrant": False})
         self.engine = build_engine(model, lcfg, optim, self.device, dtype, self.total_steps)
         if self.with_reference:
-            ref = load_causal_lm(self.model_path, dtype=dtype)
+            ref = load_causal_lm(self.model_path, dtype=dtype, empty=empty)
             self.reference = build_frozen(ref, lcfg, self.device, dtype)
 
     def adapter_model(self, dtype: torch.dtype, more: dict[str, LoraSpec]) -> AdapterModel:
         """The frozen base in the compute dtype with G's adapter, the KL reference's (a frozen
         copy of G's) and the ``more`` adapters (D's, on a shared base)."""
         spec = self.cfg.model.student
-        base = load_causal_lm(self.model_path, dtype=dtype)
+        empty = not reads_weights()  # rank 0 reads the weights, the engine broadcasts them
+        base = load_causal_lm(self.model_path, dtype=dtype, empty=empty)
         self.hf_config = base.config
         specs = {GENERATOR: spec.lora} | ({REFERENCE: spec.lora} if self.with_reference else {})
-        lm = add_adapters(base, specs | more, self.cfg.seed)
-        if self.with_reference:
-            copy_adapter(lm, GENERATOR, REFERENCE)
+        with empty_tensors(empty):
+            lm = add_adapters(base, specs | more, self.cfg.seed)
+            if self.with_reference:
+                copy_adapter(lm, GENERATOR, REFERENCE)
             for name, p in lm.named_parameters():
                 if is_adapter_param(name, REFERENCE):
                     p.requires_grad_(False)
