@@ -1,8 +1,8 @@
 """Responses to the eval prompts: a checkpoint through vLLM rollout workers, or the teacher API.
 
-Prompts use each model's own chat template; a prompt longer than ``data.max_prompt_length``
-tokens is left-truncated (the generation prompt survives) and counted. Generation is greedy
-unless ``eval.temperature > 0`` (then seeded by ``cfg.seed``).
+Prompts use each model's own chat template (``data.chat_template`` instead, when set); a prompt
+longer than ``data.max_prompt_length`` tokens is left-truncated (the generation prompt survives)
+and counted. Generation is greedy unless ``eval.temperature > 0`` (then seeded by ``cfg.seed``).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def generate_model(
     prompts, cut = [], []
     for items in items_per_set:
         for it in items:
-            ids = encode_prompt(tokenizer, it.messages)
+            ids = encode_prompt(tokenizer, it.messages, cfg.data.chat_template)
             cut.append(len(ids) > limit)
             prompts.append(ids[-limit:])
     init_ray(cfg)
