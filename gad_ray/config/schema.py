@@ -332,6 +332,11 @@ class TeacherAPIConfig(_Strict):
     price_per_1k_completion_tokens: float = Field(0.0, ge=0)
     budget: TeacherBudget = TeacherBudget()
 
+    @field_validator("extra_body", "headers", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value  # YAML null: a dict a CLI override can replace
+
     @field_validator("extra_body")
     @classmethod
     def _extra_body(cls, body: dict[str, Any]) -> dict[str, Any]:

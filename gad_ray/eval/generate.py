@@ -55,13 +55,11 @@ def init_ray(cfg: Config) -> None:
     )
 
 
-def generate_model(
-    cfg: Config, spec: EvalModelSpec, items_per_set: list[list[EvalItem]]
-) -> list[list[Response]]:
-    """Greedy (or sampled) responses of one model to every item of every set, one engine."""
-    from gad_ray.rollout.group import RolloutGroup
-
-    path, tokenizer = check_model(spec)
+def prompt_ids(
+    cfg: Config, tokenizer, items_per_set: list[list[EvalItem]]
+) -> tuple[list[list[int]], list[bool]]:
+    """Every item's prompt token ids (left-truncated to ``data.max_prompt_length``) and whether
+    it was cut."""
     limit = cfg.data.max_prompt_length
     prompts, cut = [], []
     for items in items_per_set:
@@ -69,6 +67,17 @@ def generate_model(
             ids = encode_prompt(tokenizer, it.messages, cfg.data.chat_template)
             cut.append(len(ids) > limit)
             prompts.append(ids[-limit:])
+    return prompts, cut
+
+
+def generate_model(
+    cfg: Config, spec: EvalModelSpec, items_per_set: list[list[EvalItem]]
+) -> list[list[Response]]:
+    """Greedy (or sampled) responses of one model to every item of every set, one engine."""
+    from gad_ray.rollout.group import RolloutGroup
+
+    path, tokenizer = check_model(spec)
+    prompts, cut = prompt_ids(cfg, tokenizer, items_per_set)
     init_ray(cfg)
     group = RolloutGroup(cfg, path)
     try:

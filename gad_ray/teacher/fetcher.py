@@ -104,8 +104,8 @@ def rejected_param_hint(api: TeacherAPIConfig, param: str) -> str:
     name = param.split(".")[0].split("[")[0]
     if name in ("max_tokens", "max_completion_tokens"):
         return (
-            f"teacher.api.max_tokens_param (now {api.max_tokens_param}; the other name is "
-            "max_tokens | max_completion_tokens) or teacher.api.max_tokens (null: no limit sent)"
+            f"teacher.api.max_tokens_param (max_tokens | max_completion_tokens; now "
+            f"{api.max_tokens_param}) or teacher.api.max_tokens (null sends no limit)"
         )
     if name in ("temperature", "top_p"):
         return f"teacher.api.{name} (null leaves it out of the request)"
