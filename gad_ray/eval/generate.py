@@ -104,14 +104,15 @@ def generate_model(
 
 
 def generate_api(cfg: Config, items: list[EvalItem], cache: ResponseCache) -> list[Response]:
-    """The teacher API's responses (``teacher.api`` at the eval sampling settings), cached."""
-    api = cfg.teacher.api.model_copy(
-        update={
-            "temperature": cfg.eval.temperature,
-            "top_p": cfg.eval.top_p,
-            "max_tokens": cfg.eval.max_new_tokens,
-        }
-    )
+    """The teacher API's responses (``teacher.api`` at the eval sampling settings), cached. A
+    parameter ``teacher.api`` leaves out (null: the endpoint does not take it) stays out."""
+    settings = {
+        "temperature": cfg.eval.temperature,
+        "top_p": cfg.eval.top_p,
+        "max_tokens": cfg.eval.max_new_tokens,
+    }
+    api = cfg.teacher.api
+    api = api.model_copy(update={k: v for k, v in settings.items() if getattr(api, k) is not None})
 
     async def run() -> list:
         async with Fetcher(api, cache) as fetcher:
