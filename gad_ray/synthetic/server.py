@@ -52,7 +52,7 @@ class ServerConfig:
     seed: int = 0
     # request fields answered with OpenAI's 400 for an unsupported parameter (`param` set)
     reject_params: tuple[str, ...] = ()
-    record_requests: bool = False  # keep each request's headers and JSON body (`requests()`)
+    record_requests: bool = False  # keep each request's headers and JSON body: requests()
 
     def __post_init__(self) -> None:
         for name, p in self.faults.items():
@@ -280,7 +280,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         raw = await request.json()
         if cfg.record_requests:
-            st.requests.append({"headers": dict(request.headers), "body": raw})
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            st.requests.append({"headers": headers, "body": raw})
         req = parse_chat_request(raw)
     except ValueError as e:  # json.JSONDecodeError is a ValueError
         st.record(now, None, "bad_request")
@@ -414,7 +415,8 @@ class RunningServer:
         return self._call(self.app[STATE].snapshot)
 
     def requests(self) -> list[dict]:
-        """The recorded requests (``record_requests``): ``{"headers", "body"}`` each."""
+        """The recorded requests (``record_requests``): ``{"headers"`` (lower-case names),
+        ``"body"}`` each."""
         return self._call(lambda: [dict(r) for r in self.app[STATE].requests])
 
     def reset(self) -> None:

@@ -143,15 +143,15 @@ def test_extra_body_and_headers_reach_the_server_and_the_secret_goes_nowhere(
         errors.append(err.value)
         assert str(err.value).endswith("change teacher.api.extra_body.reasoning_effort")
         sent = server.requests()
-    assert sent and all(r["headers"]["X-Api-Key"] == HEADER_SECRET for r in sent)
-    assert all(r["headers"]["X-Org"] == "acme" for r in sent)
+    assert sent and all(r["headers"]["x-api-key"] == HEADER_SECRET for r in sent)
+    assert all(r["headers"]["x-org"] == "acme" for r in sent)
     assert all(r["body"]["reasoning_effort"] == "low" for r in sent)
     assert all(r["body"]["metadata"] == {"run": "gad"} for r in sent)
     with start_server_thread(record_requests=True) as server:
         api = api.model_copy(update={"base_url": server.base_url})
         results, _ = _fetch(api, _prompts(3))
         assert [r.status for r in results] == ["ok"] * 3
-        assert all(r["headers"]["X-Api-Key"] == HEADER_SECRET for r in server.requests())
+        assert all(r["headers"]["x-api-key"] == HEADER_SECRET for r in server.requests())
     rows = _cache_rows(api.cache_path)
     assert all(json.loads(p)["extra_body"] == extra for _, p in rows)
     texts = [caplog.text, *map(str, errors), *map(repr, errors), api.model_dump_json(), repr(api)]
@@ -168,6 +168,15 @@ def test_a_missing_header_variable_fails_fast_naming_it(tmp_path, monkeypatch):
                            headers={"X-Api-Key": {"env": HEADER_ENV}})  # fmt: skip
     with pytest.raises(TeacherError, match=rf"header X-Api-Key: environment variable {HEADER_ENV}"):
         Fetcher(api)
+
+
+def test_an_endpoint_message_echoing_a_secret_is_scrubbed():
+    """An error text the endpoint sends back (kept in results, logs and exceptions) loses the
+    key and every secret header value."""
+    api = TeacherAPIConfig(base_url="http://127.0.0.1:1/v1", model="m", api_key_env=KEY_ENV,
+                           headers={"X-Org": "acme", "X-Api-Key": {"env": HEADER_ENV}})  # fmt: skip
+    scrubbed = Fetcher(api)._scrub(f"bad key {HEADER_SECRET} for {KEY}, org acme")
+    assert scrubbed == "bad key [secret] for [secret], org acme"
 
 
 def test_config_keys_and_their_errors():
