@@ -313,8 +313,8 @@ def parse_example(
     if pk is None or row.get(pk) is None:
         if prompt_key:
             raise DataError(
-                f"{where}: missing prompt key {prompt_key!r} (data.prompt_key); "
-                f"row keys: {sorted(row)}"
+                f"{where}: missing prompt key {prompt_key!r} (data.prompt_key; null recognises "
+                f"the row's format); row keys: {sorted(row)}"
             )
         raise DataError(
             f"{where}: the row fits no accepted format (row keys: {sorted(row)}); "
@@ -331,8 +331,8 @@ def parse_example(
     if response is None and require_response:
         if response_key:
             raise DataError(
-                f"{where}: missing response key {response_key!r} (data.response_key); "
-                f"row keys: {sorted(row)}"
+                f"{where}: missing response key {response_key!r} (data.response_key; null "
+                f"recognises the row's format); row keys: {sorted(row)}"
             )
         raise DataError(
             f"{where}: no teacher response: no column {' / '.join(RESPONSE_COLUMNS)} and no "

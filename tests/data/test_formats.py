@@ -140,7 +140,10 @@ def test_explicit_keys_win(tmp_path):
     ex = parse_example(row, "f.jsonl", 1, prompt_key="q")
     assert ex.response == "not this"
     # an explicit key is the only column read: no fallback to the recognised formats
-    with pytest.raises(DataError, match=r"f.jsonl, row 1: missing prompt key 'content' \(data"):
+    with pytest.raises(
+        DataError,
+        match=r"f.jsonl, row 1: missing prompt key 'content' \(data.prompt_key; null recog",
+    ):
         parse_example({"prompt": "p", "completion": "c"}, "f.jsonl", 1, prompt_key="content")
     with pytest.raises(DataError, match=r"missing response key 'teacher_response' \(data.resp"):
         parse_example(STANDARD[0], "f.jsonl", 1, response_key="teacher_response")
