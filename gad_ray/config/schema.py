@@ -8,10 +8,20 @@ message names each offending key and value.
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 class InputError(Exception):
@@ -185,9 +195,15 @@ class DataConfig(_Strict):
     eval_path: str | None = None
     format: Literal["auto", "jsonl", "parquet", "hf_disk", "hub"] = "auto"
     split: str = "train"
-    prompt_key: str = "content"  # a string or a list of {role, content} messages
-    response_key: str = "teacher_response"
+    # None: each row's format is recognised (TRL messages or prompt/completion, the authors'
+    # content/teacher_response, prompt/response; docs/config.md "Data formats"); a name set here
+    # is the only column read. The prompt: a string or a list of {role, content} messages.
+    prompt_key: str | None = None
+    response_key: str | None = None
     system_prompt: str | None = None
+    # a Jinja chat template used instead of the tokenizer's own: the text, or a file's path
+    # (read once here, so the config carries the text to every node and checkpoint)
+    chat_template: str | None = None
     max_prompt_length: int = Field(2048, gt=0)
     max_response_length: int = Field(1536, gt=0)
     prompt_truncation: Literal["drop", "left", "right", "error"] = "drop"
@@ -195,6 +211,23 @@ class DataConfig(_Strict):
     prompts_per_step: int = Field(256, gt=0)
     shuffle: bool = True
     limit: int | None = Field(None, gt=0)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        """Template text stays; any other value is a file's path, replaced by its text."""
+        if value is None or "{{" in value or "{%" in value:
+            return value
+        path = os.path.expanduser(value)
+        if not os.path.isfile(path):
+            raise ValueError(
+                "neither a Jinja template (no '{{' or '{%') nor the path of an existing file"
+            )
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if "{{" not in text and "{%" not in text:
+            raise ValueError(f"the file {value!r} holds no Jinja template")
+        return text
 
 
 class RolloutConfig(_Strict):
@@ -243,16 +276,49 @@ class TeacherBudget(_Strict):
     max_dollars: float | None = Field(None, gt=0)
 
 
+class HeaderFromEnv(_Strict):
+    """A secret HTTP header value, read from the environment variable ``env`` when the fetch
+    starts; only the variable's name is in the config."""
+
+    env: str = Field(min_length=1)
+
+
+# header names that carry credentials: their values must come from the environment
+_SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "password", "cookie", "signature")
+# request fields the fetcher sets itself (teacher.api.extra_body cannot hold them)
+_MANAGED_FIELDS = {
+    "model": "teacher.api.model",
+    "messages": "the prompt",
+    "temperature": "teacher.api.temperature",
+    "top_p": "teacher.api.top_p",
+    "max_tokens": "teacher.api.max_tokens",
+    "max_completion_tokens": "teacher.api.max_tokens (with max_tokens_param)",
+    "n": "one response per request",
+    "stream": "non-streaming requests",
+}
+
+
 class TeacherAPIConfig(_Strict):
-    """An OpenAI-compatible endpoint. The key is read from the env var named here, never stored."""
+    """An OpenAI-compatible endpoint. The key is read from the env var named here, never stored.
+
+    ``temperature``, ``top_p`` or ``max_tokens`` set to None are left out of the request (the
+    endpoint's default applies). See docs/teacher.md "Teacher requests"."""
 
     base_url: str | None = None
     model: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     system_prompt: str | None = None
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(1536, gt=0)
+    temperature: float | None = Field(1.0, ge=0)
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(1536, gt=0)
+    # the request field that carries max_tokens (newer OpenAI models take only
+    # max_completion_tokens); the cache key is the same under either name
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # more request fields, sent as the OpenAI client's extra_body (part of the cache key)
+    extra_body: dict[str, Any] = {}
+    # more HTTP headers: a plain string value, or {env: VAR} for a secret (read from the
+    # environment, never logged or stored); not part of the cache key
+    headers: dict[str, str | HeaderFromEnv] = {}
     concurrency: int = Field(16, ge=1)
     requests_per_minute: float | None = Field(None, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)
@@ -270,6 +336,38 @@ class TeacherAPIConfig(_Strict):
     price_per_1k_prompt_tokens: float = Field(0.0, ge=0)
     price_per_1k_completion_tokens: float = Field(0.0, ge=0)
     budget: TeacherBudget = TeacherBudget()
+
+    @field_validator("extra_body", "headers", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value  # YAML null: a dict a CLI override can replace
+
+    @field_validator("extra_body")
+    @classmethod
+    def _extra_body(cls, body: dict[str, Any]) -> dict[str, Any]:
+        for name in body:
+            if name in _MANAGED_FIELDS:
+                raise ValueError(
+                    f"the fetcher sets {name!r} itself ({_MANAGED_FIELDS[name]}); remove "
+                    f"teacher.api.extra_body.{name}"
+                )
+        try:
+            json.dumps(body)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"not JSON: {e}") from None
+        return body
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, headers: dict[str, str | HeaderFromEnv]) -> dict:
+        for name, value in headers.items():
+            if isinstance(value, str) and any(w in name.lower() for w in _SECRET_HEADER_WORDS):
+                raise PydanticCustomError(  # type "secret": the error does not show the value
+                    "secret",
+                    f"header {name} looks like a credential: its value comes from the environment,"
+                    f" not the config: teacher.api.headers.{name}={{env: SOME_VAR}}",
+                )
+        return headers
 
 
 class TeacherConfig(_Strict):
@@ -567,6 +665,8 @@ def _format_error(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key '{key}' (value: {e['input']!r})")
+        elif e["type"] == "secret":  # never echo the value
+            lines.append(f"config key '{key}': {e['msg']}")
         elif e["type"] == "value_error" and not key:
             lines.append(str(e["ctx"]["error"]) if "ctx" in e else e["msg"])
         else:

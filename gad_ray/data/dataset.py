@@ -10,9 +10,11 @@ Sources (``DataConfig.train_path`` / ``eval_path``):
   :func:`gad_ray.synthetic.tasks.make_dataset` (``<split>`` only names the source; use different
   seeds for train and eval).
 
-Two row schemas: the paper's (``content``: a string or a list of ``{role, content}`` messages,
-``teacher_response``: a string; keys configurable) and a plain ``prompt`` / ``response`` one, used
-when the configured keys are absent.
+Row formats (recognised per row, see :func:`parse_example`; docs/config.md "Data formats"): TRL's
+conversational ``messages`` (the final assistant turn is the teacher response), TRL's
+``prompt`` / ``completion`` (strings or message lists), the paper's ``content`` /
+``teacher_response`` and a plain ``prompt`` / ``response``; ``data.prompt_key`` /
+``data.response_key`` name other columns.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Example:
     messages: list[dict[str, str]]
     response: str | None
     meta: dict = field(default_factory=dict)
+    prompt_key: str = "prompt"  # the row's column the prompt came from
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +208,27 @@ def load_rows(
 # rows -> examples
 
 
+PROMPT_COLUMNS = ("messages", "content", "prompt")  # tried in this order
+RESPONSE_COLUMNS = ("teacher_response", "completion", "response")
+FORMATS = (
+    '{"messages": [{role, content}, ...]} (TRL conversational: a final assistant turn is the '
+    "teacher response; without one the row is a prompt only)",
+    '{"prompt": ..., "completion": ...} (TRL prompt-completion: each a string or a list of '
+    "messages)",
+    '{"content": ..., "teacher_response": "..."} (the GAD authors\'; content: a string or '
+    "messages)",
+    '{"prompt": ..., "response": "..."}',
+)
+
+
+def accepted_formats() -> str:
+    """The row formats read without configuration, for error messages."""
+    return (
+        "accepted row formats: " + "; ".join(FORMATS) + " (or name the columns with "
+        "data.prompt_key / data.response_key)"
+    )
+
+
 def _messages(value: object, where: str, key: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         if not value.strip():
@@ -236,48 +260,87 @@ def _messages(value: object, where: str, key: str) -> list[dict[str, str]]:
                 f"got {type(content).__name__}"
             )
         out.append({"role": role, "content": content})
-    if all(m["role"] == "system" for m in out):
-        raise DataError(f"{where}: key {key!r} has only system messages (no prompt)")
     return out
+
+
+def _check_prompt(messages: list[dict[str, str]], where: str, key: str) -> None:
+    if not messages:
+        raise DataError(f"{where}: key {key!r} has no prompt before its assistant turn")
+    if all(m["role"] == "system" for m in messages):
+        raise DataError(f"{where}: key {key!r} has only system messages (no prompt)")
+
+
+def _response(value: object, where: str, key: str) -> str:
+    """A response column: a string, or a list of one assistant message (TRL conversational)."""
+    if isinstance(value, str):
+        return value
+    if (
+        isinstance(value, list)
+        and len(value) == 1
+        and isinstance(value[0], dict)
+        and value[0].get("role") == "assistant"
+        and isinstance(value[0].get("content"), str)
+    ):
+        return value[0]["content"]
+    raise DataError(
+        f"{where}: key {key!r} must be a string or a list of one assistant message "
+        f"{{role: assistant, content}}, got {type(value).__name__} {value!r:.100}"
+    )
 
 
 def parse_example(
     row: object,
     source: str,
     index: int,
-    prompt_key: str = "content",
-    response_key: str = "teacher_response",
+    prompt_key: str | None = None,
+    response_key: str | None = None,
     system_prompt: str | None = None,
     require_response: bool = True,
 ) -> Example:
     """Validate one row and turn it into an :class:`Example`; bad rows raise :class:`DataError`.
 
-    The prompt is read from ``prompt_key`` (else ``prompt``), the response from ``response_key``
-    (else ``response``). Other row fields go to ``meta``; ``meta["origin"]`` is
+    The prompt is column ``prompt_key``, else the first of :data:`PROMPT_COLUMNS` the row has
+    (not null). The response is column ``response_key``, else the first of
+    :data:`RESPONSE_COLUMNS`, else (no response column, no ``response_key``) the prompt's final
+    message when the prompt is a message list ending with an assistant turn. A key given is the
+    only column read. Other row fields go to ``meta``; ``meta["origin"]`` is
     ``"<source>, row <index>"``.
     """
     where = f"{source}, row {index}"
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with key {prompt_key!r}, got {row!r:.200}")
-    pk = prompt_key if prompt_key in row or "prompt" not in row else "prompt"
-    rk = response_key if response_key in row or "response" not in row else "response"
-    if pk not in row or row[pk] is None:
+        raise DataError(f"{where}: expected an object, got {row!r:.200}; {accepted_formats()}")
+    pk = prompt_key or next((k for k in PROMPT_COLUMNS if row.get(k) is not None), None)
+    if pk is None or row.get(pk) is None:
+        if prompt_key:
+            raise DataError(
+                f"{where}: missing prompt key {prompt_key!r} (data.prompt_key; null recognises "
+                f"the row's format); row keys: {sorted(row)}"
+            )
         raise DataError(
-            f"{where}: missing prompt key {prompt_key!r} (or 'prompt'); row keys: {sorted(row)}"
+            f"{where}: the row fits no accepted format (row keys: {sorted(row)}); "
+            f"{accepted_formats()}"
         )
     messages = _messages(row[pk], where, pk)
+    rk = response_key or next((k for k in RESPONSE_COLUMNS if row.get(k) is not None), None)
+    response = None
+    if rk is not None:
+        response = None if row.get(rk) is None else _response(row[rk], where, rk)
+    elif isinstance(row[pk], list) and messages[-1]["role"] == "assistant":
+        response = messages.pop()["content"]  # a conversation: its last turn is the response
+    _check_prompt(messages, where, pk)
+    if response is None and require_response:
+        if response_key:
+            raise DataError(
+                f"{where}: missing response key {response_key!r} (data.response_key; null "
+                f"recognises the row's format); row keys: {sorted(row)}"
+            )
+        raise DataError(
+            f"{where}: no teacher response: no column {' / '.join(RESPONSE_COLUMNS)} and no "
+            f"final assistant turn in {pk!r} (row keys: {sorted(row)}); {accepted_formats()}; "
+            "for prompts without responses use teacher=api or gad-fetch"
+        )
     if system_prompt and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system_prompt})
-    response = row.get(rk)
-    if response is None and require_response:
-        raise DataError(
-            f"{where}: missing response key {response_key!r} (or 'response'); "
-            f"row keys: {sorted(row)}"
-        )
-    if response is not None and not isinstance(response, str):
-        raise DataError(
-            f"{where}: key {rk!r} must be a string, got {type(response).__name__} {response!r:.100}"
-        )
     row_id = row.get("id")
     meta = {k: v for k, v in row.items() if k not in ("id", pk, rk)}
     meta.setdefault("origin", where)
@@ -286,7 +349,30 @@ def parse_example(
         messages=messages,
         response=response,
         meta=meta,
+        prompt_key=pk,
     )
+
+
+def with_response(row: dict, example: Example, text: str, response_key: str | None = None) -> dict:
+    """A copy of ``row`` (the row ``example`` was parsed from) with ``text`` as its teacher
+    response, in the row's own format: column ``response_key`` when set; else a final assistant
+    turn of ``messages``; ``response`` (when the row has that column) or ``completion`` (a list of
+    one assistant message when the prompt is a message list) beside ``prompt``;
+    ``teacher_response`` beside any other prompt column. :func:`parse_example` reads it back as
+    the same prompt with this response."""
+    out, pk = dict(row), example.prompt_key
+    if response_key:
+        out[response_key] = text
+    elif pk == "messages":
+        out[pk] = [*row[pk], {"role": "assistant", "content": text}]
+    elif pk == "prompt" and "response" in row:
+        out["response"] = text
+    elif pk == "prompt":
+        turn = {"role": "assistant", "content": text}
+        out["completion"] = text if isinstance(row[pk], str) else [turn]
+    else:
+        out["teacher_response"] = text
+    return out
 
 
 def load_examples(

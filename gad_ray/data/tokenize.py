@@ -1,6 +1,7 @@
 """Tokenize examples with the student's tokenizer and chat template (docs/algorithms.md §1.2).
 
-prompt = ``apply_chat_template(messages, add_generation_prompt=True)``; response = the text's
+prompt = ``apply_chat_template(messages, add_generation_prompt=True)`` with the tokenizer's template,
+or ``data.chat_template`` when set; response = the text's
 tokens followed by EOS, or, when that is longer than ``max_response_length``, exactly
 ``max_response_length`` text tokens without EOS (the way a student sample that hits the limit
 ends), so teacher and student responses end the same way.
@@ -31,9 +32,23 @@ class TokenizedExample:
     meta: dict = field(default_factory=dict)
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
-    """Chat-template token ids of ``messages`` ending with the assistant generation prompt."""
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    template: str | None = None,
+) -> list[int]:
+    """Chat-template token ids of ``messages`` ending with the assistant generation prompt;
+    ``template`` (Jinja text, ``data.chat_template``) replaces the tokenizer's own."""
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=True
+        )
+    except Exception as e:  # jinja2's TemplateError and what the template raises itself
+        if template is None:
+            raise
+        raise DataError(
+            f"data.chat_template cannot render a prompt: {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(out, list):  # transformers 5 returns a BatchEncoding
         out = out["input_ids"]
     return [int(t) for t in out]
@@ -65,7 +80,7 @@ def tokenize_examples(
     stats = {"dropped_long_prompts": 0, "truncated_prompts": 0, "truncated_responses": 0}
     out = []
     for ex in examples:
-        prompt_ids = encode_prompt(tokenizer, ex.messages)
+        prompt_ids = encode_prompt(tokenizer, ex.messages, cfg.chat_template)
         if len(prompt_ids) > limit:
             if mode == "error":
                 raise DataError(

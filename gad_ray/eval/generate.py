@@ -1,8 +1,8 @@
 """Responses to the eval prompts: a checkpoint through vLLM rollout workers, or the teacher API.
 
-Prompts use each model's own chat template; a prompt longer than ``data.max_prompt_length``
-tokens is left-truncated (the generation prompt survives) and counted. Generation is greedy
-unless ``eval.temperature > 0`` (then seeded by ``cfg.seed``).
+Prompts use each model's own chat template (``data.chat_template`` instead, when set); a prompt
+longer than ``data.max_prompt_length`` tokens is left-truncated (the generation prompt survives)
+and counted. Generation is greedy unless ``eval.temperature > 0`` (then seeded by ``cfg.seed``).
 """
 
 from __future__ import annotations
@@ -55,6 +55,21 @@ def init_ray(cfg: Config) -> None:
     )
 
 
+def prompt_ids(
+    cfg: Config, tokenizer, items_per_set: list[list[EvalItem]]
+) -> tuple[list[list[int]], list[bool]]:
+    """Every item's prompt token ids (left-truncated to ``data.max_prompt_length``) and whether
+    it was cut."""
+    limit = cfg.data.max_prompt_length
+    prompts, cut = [], []
+    for items in items_per_set:
+        for it in items:
+            ids = encode_prompt(tokenizer, it.messages, cfg.data.chat_template)
+            cut.append(len(ids) > limit)
+            prompts.append(ids[-limit:])
+    return prompts, cut
+
+
 def generate_model(
     cfg: Config, spec: EvalModelSpec, items_per_set: list[list[EvalItem]]
 ) -> list[list[Response]]:
@@ -62,13 +77,7 @@ def generate_model(
     from gad_ray.rollout.group import RolloutGroup
 
     path, tokenizer = check_model(spec)
-    limit = cfg.data.max_prompt_length
-    prompts, cut = [], []
-    for items in items_per_set:
-        for it in items:
-            ids = encode_prompt(tokenizer, it.messages)
-            cut.append(len(ids) > limit)
-            prompts.append(ids[-limit:])
+    prompts, cut = prompt_ids(cfg, tokenizer, items_per_set)
     init_ray(cfg)
     group = RolloutGroup(cfg, path)
     try:
@@ -95,14 +104,15 @@ def generate_model(
 
 
 def generate_api(cfg: Config, items: list[EvalItem], cache: ResponseCache) -> list[Response]:
-    """The teacher API's responses (``teacher.api`` at the eval sampling settings), cached."""
-    api = cfg.teacher.api.model_copy(
-        update={
-            "temperature": cfg.eval.temperature,
-            "top_p": cfg.eval.top_p,
-            "max_tokens": cfg.eval.max_new_tokens,
-        }
-    )
+    """The teacher API's responses (``teacher.api`` at the eval sampling settings), cached. A
+    parameter ``teacher.api`` leaves out (null: the endpoint does not take it) stays out."""
+    settings = {
+        "temperature": cfg.eval.temperature,
+        "top_p": cfg.eval.top_p,
+        "max_tokens": cfg.eval.max_new_tokens,
+    }
+    api = cfg.teacher.api
+    api = api.model_copy(update={k: v for k, v in settings.items() if getattr(api, k) is not None})
 
     async def run() -> list:
         async with Fetcher(api, cache) as fetcher:

@@ -10,8 +10,11 @@ and a tuple lists alternatives tried in order (Vicuna's ``text`` or ``turns.0``)
 | `selfinst` | `instruction` + `instances.0.input`    | `instances.0.output`    | -                  |
 | `vicuna`   | `text` or `turns.0` (`category`)       | - (the judge answers)   | -                  |
 
-With no preset the paper's schema (lmsys) is the default. A set with no reference key is graded
-against a reference the judge writes first (``reference: judge``).
+With no preset and no ``prompt_key`` / ``input_key`` each row's format is recognised as in training
+(:func:`gad_ray.data.dataset.parse_example`: TRL ``messages`` or ``prompt`` / ``completion``, the
+paper's ``content`` / ``teacher_response``, ``prompt`` / ``response``); its response is the
+reference and the teacher answer unless ``reference_key`` / ``teacher_key`` name others. A set with
+no reference key is graded against a reference the judge writes first (``reference: judge``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gad_ray.config.schema import EvalSetSpec
-from gad_ray.data.dataset import DataError, load_rows, parse_example
+from gad_ray.data.dataset import DataError, accepted_formats, load_rows, parse_example
 
 _MISSING = object()
 
@@ -71,7 +74,11 @@ class EvalSet:
 
 
 def resolve_keys(spec: EvalSetSpec, default_reference: str) -> dict:
-    """The row keys of ``spec``: its own where set, else its preset's (else lmsys's)."""
+    """The row keys of ``spec``: its own where set, else its preset's; with neither a preset nor
+    a prompt or input key, ``auto``: the row formats of training (reference: the response)."""
+    if spec.preset is None and spec.prompt_key is None and spec.input_key is None:
+        keys = {k: getattr(spec, k) for k in ("reference_key", "teacher_key", "category_key")}
+        return {**keys, "auto": True, "reference": spec.reference or default_reference}
     keys = dict(PRESETS[spec.preset or "lmsys"])
     keys.setdefault("reference", None)
     for k in ("input_key", "reference_key", "teacher_key", "category_key"):
@@ -118,6 +125,8 @@ def _text(row: dict, key: str | None, where: str, required: bool) -> str | None:
 def parse_item(row: object, source: str, index: int, keys: dict) -> EvalItem:
     """One row -> :class:`EvalItem`; a bad row raises :class:`DataError` naming file, row, key."""
     where = f"{source}, row {index}"
+    if keys.get("auto"):
+        return _parse_auto(row, source, index, keys)
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {row!r:.200}")
     found = [k for k in keys["prompt_key"] if get_path(row, k) not in (_MISSING, None)]
@@ -144,6 +153,34 @@ def parse_item(row: object, source: str, index: int, keys: dict) -> EvalItem:
         question="\n\n".join(m["content"] for m in example.messages if m["role"] == "user"),
         reference=_text(row, keys["reference_key"], where, required=need_reference),
         teacher=_text(row, keys["teacher_key"], where, required=False),
+        category=None if category in (_MISSING, None) else str(category),
+        origin=where,
+    )
+
+
+def _parse_auto(row: object, source: str, index: int, keys: dict) -> EvalItem:
+    """A row in any format of :func:`parse_example`; its response is the reference and teacher."""
+    where = f"{source}, row {index}"
+    example = parse_example(row, source, index, require_response=False)
+    reference = example.response
+    if keys["reference_key"] is not None:
+        reference = _text(row, keys["reference_key"], where, required=False)
+    if reference is None and keys["reference"] == "set":
+        raise DataError(
+            f"{where}: no reference answer (the set is graded against its own answers, "
+            f"eval.judge.reference=set); {accepted_formats()}; or set the set's reference_key, "
+            "preset, or reference: judge"
+        )
+    teacher = example.response
+    if keys["teacher_key"] is not None:
+        teacher = _text(row, keys["teacher_key"], where, required=False)
+    category = get_path(row, keys["category_key"]) if keys["category_key"] else None
+    return EvalItem(
+        id=example.id,
+        messages=example.messages,
+        question="\n\n".join(m["content"] for m in example.messages if m["role"] == "user"),
+        reference=reference,
+        teacher=teacher,
         category=None if category in (_MISSING, None) else str(category),
         origin=where,
     )

@@ -300,6 +300,8 @@ class GeneratorWorker(LearnerWorker):
             adapter = adapter_config(self.engine.module, GENERATOR, self.model_path) if keep else {}
         if self.rank == 0:
             tok = load_tokenizer(spec.tokenizer or self.model_path)
+            if self.cfg.data.chat_template:  # the template the prompts were trained with
+                tok.chat_template = self.cfg.data.chat_template
             if keep is None:
                 checkpoint.export_hf(path, state, self.hf_config, tok)
             else:

@@ -50,6 +50,9 @@ class ServerConfig:
     fail_first_fault: str = "500"
     rpm: int | None = None
     seed: int = 0
+    # request fields answered with OpenAI's 400 for an unsupported parameter (`param` set)
+    reject_params: tuple[str, ...] = ()
+    record_requests: bool = False  # keep each request's headers and JSON body: requests()
 
     def __post_init__(self) -> None:
         for name, p in self.faults.items():
@@ -91,6 +94,7 @@ class ServerState:
         self.outcomes: Counter[str] = Counter()
         self.per_prompt: Counter[str] = Counter()
         self.events: list[dict] = []
+        self.requests: list[dict] = []
 
     def record(self, t: float, phash: str | None, outcome: str, tokens: int = 0) -> None:
         self.outcomes[outcome] += 1
@@ -148,8 +152,11 @@ class ChatRequest:
 STATE = web.AppKey("state", ServerState)
 
 
-def _error(status: int, message: str, etype: str, headers: dict | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": etype, "param": None, "code": str(status)}}
+def _error(
+    status: int, message: str, etype: str, headers: dict | None = None, param: str | None = None
+) -> web.Response:
+    code = "unsupported_parameter" if param is not None else str(status)
+    body = {"error": {"message": message, "type": etype, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -271,10 +278,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         st.record(now, None, "unauthorized")
         return _error(401, "Invalid or missing API key.", "invalid_request_error")
     try:
-        req = parse_chat_request(await request.json())
+        raw = await request.json()
+        if cfg.record_requests:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            st.requests.append({"headers": headers, "body": raw})
+        req = parse_chat_request(raw)
     except ValueError as e:  # json.JSONDecodeError is a ValueError
         st.record(now, None, "bad_request")
         return _error(400, f"Invalid request: {e}", "invalid_request_error")
+    rejected = [p for p in cfg.reject_params if p in raw]
+    if rejected:
+        st.record(now, None, "rejected_param")
+        message = f"Unsupported parameter: '{rejected[0]}' is not supported with this model."
+        return _error(400, message, "invalid_request_error", param=rejected[0])
     phash = prompt_hash(req.messages)
     wait = st.rate_limited(now)
     if wait is not None:
@@ -398,6 +414,11 @@ class RunningServer:
         """Snapshot of the /stats JSON."""
         return self._call(self.app[STATE].snapshot)
 
+    def requests(self) -> list[dict]:
+        """The recorded requests (``record_requests``): ``{"headers"`` (lower-case names),
+        ``"body"}`` each."""
+        return self._call(lambda: [dict(r) for r in self.app[STATE].requests])
+
     def reset(self) -> None:
         """Clear stats, fail_first counters and re-seed the random streams."""
         self._call(self.app[STATE].reset)
@@ -437,6 +458,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fail-first-fault", default="500", choices=FAULTS)
     ap.add_argument("--rpm", type=int, default=None, help="server-side requests/min limit")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--reject-param", action="append", default=[], help="answer 400 (param set) to this field"
+    )
     args = ap.parse_args(argv)
     api_key = None
     if args.api_key_env is not None:
@@ -457,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
             fail_first_fault=args.fail_first_fault,
             rpm=args.rpm,
             seed=args.seed,
+            reject_params=tuple(args.reject_param),
         )
     except ValueError as e:
         ap.error(str(e))

@@ -1,8 +1,8 @@
 """``gad-fetch``: fill a dataset with teacher responses from an OpenAI-compatible API.
 
 Reads the prompts of ``data.train_path`` (any source of :mod:`gad_ray.data.dataset`), asks the
-teacher (``teacher.api``) for every row without a ``data.response_key`` value, and writes the
-rows in the paper's schema (``content``, ``teacher_response``, other columns kept) to
+teacher (``teacher.api``) for every row without a teacher response, and writes the rows, each
+response added in the row's own format (other columns kept; docs/config.md "Data formats"), to
 ``<input stem>.teacher<suffix>`` beside a local input file, else ``<trainer.run_dir>/teacher.jsonl``.
 The k-th row (in file order) with the same prompt asks for the teacher's sample k, so a prompt
 that repeats gets as many independent responses (``teacher.api.dedup=true``: one, shared).
@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from gad_ray.config import Config
 from gad_ray.config.hydra_app import hydra_entry
-from gad_ray.data.dataset import DataError, load_rows, parse_example
-from gad_ray.teacher.cache import Result
+from gad_ray.data.dataset import DataError, Example, load_rows, parse_example, with_response
+from gad_ray.teacher.cache import ResponseCache, Result
 from gad_ray.teacher.fetcher import Fetcher, TeacherError, occurrence_indices
 
 EXIT_BUDGET = 3
@@ -40,13 +40,14 @@ def default_output(cfg: Config, input_path: str) -> Path:
     return Path(cfg.trainer.run_dir) / "teacher.jsonl"
 
 
-def read_prompts(cfg: Config, path: str) -> list[tuple[dict, list[dict]]]:
-    """``(row, messages)`` for every row of ``path``; bad rows raise DataError naming the row."""
+def read_prompts(cfg: Config, path: str) -> list[tuple[dict, Example]]:
+    """``(row, example)`` for every row of ``path``; bad rows raise DataError naming the row."""
     d = cfg.data
     out = []
     for source, index, row in load_rows(path, d.format, d.split, d.limit):
-        ex = parse_example(row, source, index, d.prompt_key, d.response_key, None, False)
-        out.append((row, ex.messages))
+        out.append(
+            (row, parse_example(row, source, index, d.prompt_key, d.response_key, None, False))
+        )
     return out
 
 
@@ -68,7 +69,9 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 async def _fetch_all(
     cfg: Config, prompts: list[list[dict]], samples: list[int]
-) -> tuple[list[Result], dict]:
+) -> tuple[list[Result | None], dict, TeacherError | None]:
+    """The results (None: none yet), the fetcher's stats, and the error that stopped the fetch
+    (then the results are what the cache holds: every response paid for so far)."""
     bar = tqdm(total=len(prompts), desc="teacher", unit="prompt", dynamic_ncols=True)
     async with Fetcher(cfg.teacher.api, retry_failed=cfg.fetch.retry_failed) as fetcher:
 
@@ -83,35 +86,46 @@ async def _fetch_all(
             )
             bar.update(1)
 
+        keys = fetcher.keys(prompts, samples)
         try:
-            results = await fetcher.fetch_many(prompts, samples, on_result)
+            return await fetcher.fetch_many(prompts, samples, on_result), fetcher.stats(), None
+        except TeacherError as e:
+            err, stats = e, fetcher.stats()
         finally:
             bar.close()
-        return results, fetcher.stats()
+    cache = ResponseCache(cfg.teacher.api.cache_path)  # the fetcher has committed its writes
+    try:
+        stored = cache.get_many(keys)
+    finally:
+        cache.close()
+    return [stored.get(k) for k in keys], stats, err
 
 
 def fetch_dataset(cfg: Config, input_path: str, output_path: Path) -> dict:
     """Fetch the missing teacher responses of ``input_path`` and write ``output_path``.
 
-    Returns a summary: rows, written, fetched, cached, failed (by reason), spend and
-    ``budget_stop`` (the budget message when the budget stopped the fetch).
+    Each response is added in its row's own format (:func:`~gad_ray.data.dataset.with_response`).
+    Returns a summary: rows, written, fetched, cached, failed (by reason), spend,
+    ``budget_stop`` (the budget message when the budget stopped the fetch) and ``error`` (the
+    :class:`TeacherError` that stopped it, or None). A stopped fetch still writes every row that
+    has a response.
     """
     rows = read_prompts(cfg, input_path)
-    key = cfg.data.response_key
-    todo = [i for i, (row, _) in enumerate(rows) if not row.get(key)]
+    todo = [i for i, (_, ex) in enumerate(rows) if ex.response is None]
     # counted over every row, as a teacher=api training run on this file counts them
-    samples = occurrence_indices(cfg.teacher.api, [m for _, m in rows])
-    results, stats = asyncio.run(
-        _fetch_all(cfg, [rows[i][1] for i in todo], [samples[i] for i in todo])
+    samples = occurrence_indices(cfg.teacher.api, [ex.messages for _, ex in rows])
+    results, stats, error = asyncio.run(
+        _fetch_all(cfg, [rows[i][1].messages for i in todo], [samples[i] for i in todo])
     )
-    out_rows = [dict(row) for row, _ in rows]
+    out_rows: list[dict | None] = [row if ex.response is not None else None for row, ex in rows]
     failed: Counter[str] = Counter()
     for i, r in zip(todo, results, strict=True):
-        if r.status == "ok":
-            out_rows[i][key] = r.text
-        else:
+        row, ex = rows[i]
+        if r is not None and r.status == "ok":
+            out_rows[i] = with_response(row, ex, r.text, cfg.data.response_key)
+        elif r is not None:
             failed[r.error or "unknown"] += 1
-    written = [row for row in out_rows if row.get(key)]
+    written = [row for row in out_rows if row is not None]
     write_rows(output_path, written)
     return {
         "rows": len(rows),
@@ -122,6 +136,7 @@ def fetch_dataset(cfg: Config, input_path: str, output_path: Path) -> dict:
         "failed": dict(failed),
         "spent": stats["spent"],
         "budget_stop": stats["budget_stop"],
+        "error": error,
     }
 
 
@@ -144,6 +159,14 @@ def fetch(cfg: Config) -> None:
     except (TeacherError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1 if isinstance(e, TeacherError) else 2)
+    if s["error"] is not None:
+        print(
+            f"error: {s['error']}\ngad-fetch: stopped; the {s['written']} rows with a response "
+            f"are written to {output} and every response is kept in the cache {api.cache_path}: "
+            "a rerun asks only for the missing ones",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     spent = s["spent"]
     print(
         f"gad-fetch: {s['written']}/{s['rows']} rows with a teacher response -> {output} "

@@ -5,7 +5,8 @@
 ahead of time. A prompt's sample index (:func:`occurrence_indices`: its k-th occurrence in the
 data is sample k) is part of its cache key, so repeats of a prompt are independent draws from the
 teacher, each paid for once.
-The API key is read from ``os.environ[api.api_key_env]`` and never logged, stored or raised.
+The API key is read from ``os.environ[api.api_key_env]`` (secret headers from the variables they
+name) and never logged, stored or raised.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,17 +23,21 @@ from pathlib import Path
 import openai
 import ray
 
-from gad_ray.config.schema import InputError, TeacherAPIConfig
+from gad_ray.config.schema import TeacherAPIConfig
 from gad_ray.teacher.cache import ResponseCache, Result, messages_hash, request_key
 from gad_ray.teacher.limits import RateLimiter, Verdict, backoff_delay, classify
+from gad_ray.teacher.request import (
+    TeacherError,
+    read_secrets,
+    rejected_param_hint,
+    request_messages,
+    request_params,
+)
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
-
-
-class TeacherError(InputError, RuntimeError):
-    """The fetch cannot go on (no key, unreachable endpoint, key or model rejected)."""
+UNLIMITED_TOKENS_ESTIMATE = 4096  # the rate limiter's reservation when max_tokens is None
 
 
 @dataclass
@@ -49,22 +53,8 @@ class _Job:
 
 
 def read_api_key(api: TeacherAPIConfig) -> str:
-    """The key from the env var named by ``api.api_key_env``; the error names the var only."""
-    key = os.environ.get(api.api_key_env, "")
-    if not key.strip():
-        raise TeacherError(
-            f"no teacher API key: environment variable {api.api_key_env} is not set or empty "
-            f"(teacher.api.api_key_env={api.api_key_env!r})"
-        )
-    return key
-
-
-def request_messages(api: TeacherAPIConfig, prompt: str | list[dict]) -> list[dict]:
-    """The messages sent for a prompt (a string or chat messages), with the system prompt."""
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if api.system_prompt and not (msgs and msgs[0].get("role") == "system"):
-        msgs = [{"role": "system", "content": api.system_prompt}, *msgs]
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    """The key (see :func:`read_secrets`, which also checks the secret headers' variables)."""
+    return read_secrets(api)[0]
 
 
 def occurrence_indices(api: TeacherAPIConfig, prompts: list) -> list[int]:
@@ -100,13 +90,15 @@ class Fetcher:
         if not api.base_url or not api.model:
             raise TeacherError("teacher.api.base_url and teacher.api.model must both be set")
         self.api = api
-        self._key = read_api_key(api)
+        self._key, self._headers = read_secrets(api)
+        self._secrets = [self._key] + [
+            self._headers[n] for n, v in api.headers.items() if not isinstance(v, str)
+        ]
         self.cache = cache if cache is not None else ResponseCache(api.cache_path)
         self._own_cache = cache is None
         self.retry_failed = retry_failed
         self.probe_timeout_s = probe_timeout_s
-        self.params = {"temperature": api.temperature, "top_p": api.top_p}
-        self.params["max_tokens"] = api.max_tokens
+        self.params, self.request = request_params(api)
         self.limiter = RateLimiter(api.requests_per_minute, api.tokens_per_minute)
         self.spent = {k: self.cache.totals()[k] for k in ("requests", "tokens", "dollars")}
         self.counts: Counter[str] = Counter()
@@ -129,14 +121,20 @@ class Fetcher:
         await self.aclose()
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "[api key]")
+        for secret in self._secrets:
+            text = text.replace(secret, "[secret]")
+        return text
 
     async def start(self) -> None:
         """Probe the endpoint (GET /models, short timeout) and start the workers; idempotent."""
         if self._client is not None:
             return
         client = openai.AsyncOpenAI(
-            base_url=self.api.base_url, api_key=self._key, max_retries=0, timeout=self.api.timeout_s
+            base_url=self.api.base_url,
+            api_key=self._key,
+            max_retries=0,
+            timeout=self.api.timeout_s,
+            default_headers=self._headers or None,
         )
         try:
             await client.with_options(timeout=self.probe_timeout_s).models.list()
@@ -304,14 +302,15 @@ class Fetcher:
             )
             return
         self.spent["requests"] += 1
-        est = sum(len(m["content"]) for m in job.messages) // 4 + 8 + self.api.max_tokens
+        limit = self.api.max_tokens or UNLIMITED_TOKENS_ESTIMATE
+        est = sum(len(m["content"]) for m in job.messages) // 4 + 8 + limit
         await self.limiter.acquire(est)
         job.attempts += 1
         self.counts["attempts"] += 1
         t0 = time.monotonic()
         try:
             resp = await self._client.chat.completions.create(
-                model=self.api.model, messages=job.messages, **self.params
+                model=self.api.model, messages=job.messages, **self.request
             )
         except Exception as e:
             self.limiter.settle(est, 0)
@@ -361,9 +360,15 @@ class Fetcher:
         reason = self._scrub(v.reason)
         job.last_error = reason
         self.errors[reason.split(":")[0].split(" (")[0]] += 1
-        if v.kind == "fatal":
-            log.error("teacher fetch stopped: %s", reason)
-            self._fail_all(TeacherError(reason))
+        if v.kind == "request":  # every prompt would get it: stop, cache nothing
+            reason = (
+                f"the teacher endpoint rejects the request parameter {v.param!r} ({reason}); "
+                f"change {rejected_param_hint(self.api, v.param)}"
+            )
+        if v.kind in ("fatal", "request"):
+            if self._fatal is None:
+                log.error("teacher fetch stopped: %s", reason)
+                self._fail_all(TeacherError(reason))
             return
         if v.kind == "permanent" or job.attempts > self.api.max_retries:
             if v.kind == "retry":

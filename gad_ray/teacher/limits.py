@@ -84,11 +84,13 @@ class RateLimiter:
 @dataclass
 class Verdict:
     """What a failed attempt means: ``retry`` it, fail its prompt (``permanent``), or stop
-    the whole fetch (``fatal``: the key or the model is rejected)."""
+    the whole fetch (``fatal``: the key or the model is rejected; ``request``: an HTTP 400 that
+    names a request parameter, which every prompt would get)."""
 
     kind: str
     reason: str
     retry_after: float | None = None
+    param: str | None = None  # kind "request": the request parameter the endpoint rejected
 
 
 def _retry_after(headers) -> float | None:
@@ -128,10 +130,28 @@ def classify(err: Exception, timeout_s: float) -> Verdict:
             return Verdict("fatal", f"the teacher endpoint rejected the API key ({message})")
         if code == 404:
             return Verdict("fatal", f"the teacher endpoint or model was not found ({message})")
+        if code == 400 and (param := _rejected_param(err)) is not None:
+            return Verdict("request", message, param=param)
         return Verdict("permanent", message)
     if isinstance(err, ValueError | openai.APIResponseValidationError):
         return Verdict("retry", f"malformed response ({type(err).__name__})")
     return Verdict("fatal", f"unexpected {type(err).__name__}: {err}")
+
+
+# a 400 with one of these params or codes is about the prompt, not about the request's settings
+_PROMPT_PARAMS = ("messages", "prompt", "input")
+_PROMPT_CODES = ("context_length_exceeded", "content_policy_violation", "content_filter")
+
+
+def _rejected_param(err: openai.APIStatusError) -> str | None:
+    """The request parameter an HTTP 400 names (OpenAI's error object: ``param`` set), unless
+    the error is about the prompt itself (its messages, length or content)."""
+    body = err.body if isinstance(err.body, dict) else {}
+    body = body.get("error", body) if isinstance(body.get("error"), dict) else body
+    param, code = body.get("param"), body.get("code")
+    if not isinstance(param, str) or not param or code in _PROMPT_CODES:
+        return None
+    return None if param.startswith(_PROMPT_PARAMS) else param
 
 
 def _error_message(err: openai.APIStatusError) -> str:

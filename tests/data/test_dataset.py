@@ -192,7 +192,7 @@ def test_invalid_json_names_file_and_line(tmp_path):
 
 
 BAD_ROWS = [
-    ({"response": "r"}, "missing prompt key 'content'"),
+    ({"response": "r"}, "the row fits no accepted format (row keys: ['response'])"),
     ({"content": 5, "teacher_response": "r"}, "key 'content' must be a string or a list"),
     ({"content": "", "teacher_response": "r"}, "key 'content' is an empty prompt"),
     ({"content": [], "teacher_response": "r"}, "key 'content' is an empty list"),
@@ -212,10 +212,16 @@ BAD_ROWS = [
         {"content": [{"role": "system", "content": "s"}], "teacher_response": "r"},
         "key 'content' has only system messages",
     ),
-    ({"content": "hi"}, "missing response key 'teacher_response'"),
-    ({"content": "hi", "teacher_response": None}, "missing response key 'teacher_response'"),
+    ({"content": "hi"}, "no teacher response: no column teacher_response / completion"),
+    ({"content": "hi", "teacher_response": None}, "no teacher response: no column"),
     ({"content": "hi", "teacher_response": ["x"]}, "key 'teacher_response' must be a string"),
-    ([1, 2], "expected an object with key 'content'"),
+    ({"prompt": "hi", "completion": 3}, "key 'completion' must be a string or a list of one"),
+    (
+        {"messages": [{"role": "assistant", "content": "a"}]},
+        "key 'messages' has no prompt before its assistant turn",
+    ),
+    ({"messages": [{"role": "user", "content": "q"}]}, "no teacher response"),
+    ([1, 2], "expected an object, got [1, 2]"),
 ]
 
 

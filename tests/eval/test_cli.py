@@ -201,4 +201,4 @@ def test_cli_bad_row_exits_2_naming_file_and_row(judge: RunningServer, tmp_path:
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 2, out.stderr
-    assert f"error: {bad}, row 2: key 'prompt' must be a string or a list" in out.stderr
+    assert f"error: {bad}, row 2: key 'content' must be a string or a list" in out.stderr

@@ -32,6 +32,27 @@ def test_lmsys_is_the_default_schema(tmp_path) -> None:
     assert [(it.reference, it.teacher) for it in s.items] == [("Hello!", "Hello!"), ("4", "4")]
 
 
+def test_without_a_preset_the_training_row_formats_are_read(tmp_path) -> None:
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey"}]},
+        {"prompt": [{"role": "user", "content": "2+2?"}],
+         "completion": [{"role": "assistant", "content": "4"}]},
+        {"prompt": "Name a colour.", "completion": "Blue."},
+    ]  # fmt: skip
+    s = load_set(EvalSetSpec(path=str(write_dataset(tmp_path / "trl.jsonl", rows))))
+    assert s.reference == "set" and s.has_teacher
+    assert [it.question for it in s.items] == ["Hi?", "2+2?", "Name a colour."]
+    assert [(it.reference, it.teacher) for it in s.items] == [
+        ("Hey", "Hey"), ("4", "4"), ("Blue.", "Blue.")
+    ]  # fmt: skip
+    prompts = [{"messages": [{"role": "user", "content": "Tips?"}]}]
+    path = str(write_dataset(tmp_path / "p.jsonl", prompts))
+    s = load_set(EvalSetSpec(path=path, reference="judge"))
+    assert [(it.question, it.reference, it.teacher) for it in s.items] == [("Tips?", None, None)]
+    with pytest.raises(DataError, match=r"p.jsonl, row 1: no reference answer"):
+        load_set(EvalSetSpec(path=path))
+
+
 def test_dolly_appends_context(tmp_path) -> None:
     rows = [
         {"instruction": "Summarise.", "context": "A long text.", "response": "Short.",
@@ -86,11 +107,11 @@ def test_keys_override_the_preset_and_limit(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"instruction": "x", "response": "y"}, r"row 2: missing prompt key 'content'"),
-        ({"content": "x"}, r"row 2: missing key 'teacher_response'"),
+        ({"instruction": "x", "response": "y"}, r"row 2: the row fits no accepted format"),
+        ({"content": "x"}, r"row 2: no reference answer .*accepted row formats"),
         ({"content": "x", "teacher_response": 3}, r"row 2: key 'teacher_response' must be a str"),
         ({"content": [{"role": "bot", "content": "x"}], "teacher_response": "y"}, "row 2: .*role"),
-        ({"content": "  ", "teacher_response": "y"}, "row 2: key 'prompt' is an empty prompt"),
+        ({"content": "  ", "teacher_response": "y"}, "row 2: key 'content' is an empty prompt"),
     ],
 )
 def test_bad_row_names_file_row_and_key(tmp_path, row: dict, message: str) -> None:

@@ -133,3 +133,42 @@ def test_budget_stop_writes_partial_output_and_exits_3(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "stopped by the budget (teacher.api.budget.max_requests=10 reached)" in err
     assert f"{len(rows) - 10} rows still have no response" in err
+
+
+def test_responses_are_written_in_each_rows_format(tmp_path, monkeypatch):
+    """TRL prompt-only rows (messages, prompt as a string or messages), the authors' content
+    rows, and a row that already has its response: the output keeps every row's format and
+    reads back (no key mapping) as the same prompts with the teacher's responses."""
+    from gad_ray.config.schema import DataConfig
+    from gad_ray.data.dataset import load_examples
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    texts = [r["content"][0]["content"] for r in _write_prompts(tmp_path, 5)]
+    user = [{"role": "user", "content": t} for t in texts]
+    rows = [
+        {"id": "m", "messages": [user[0]]},
+        {"id": "p", "prompt": texts[1]},
+        {"id": "pm", "prompt": [user[2]]},
+        {"id": "c", "content": texts[3]},
+        {"id": "done", "prompt": texts[4], "completion": "given"},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with start_server_thread() as server:
+        overrides = _overrides(tmp_path, server.base_url, **{"data.train_path": str(path)})
+        cfg = compose(overrides, run_dir=str(tmp_path))
+        fetch(cfg)
+        assert server.stats()["total_requests"] == 4  # the row with a response asks nothing
+    out = [json.loads(line) for line in (tmp_path / "mixed.teacher.jsonl").open()]
+    answers = {r.messages_hash: r.text for r in _cache_rows(tmp_path)}
+    got = [answers[messages_hash([u])] for u in user[:4]]
+    assert out == [
+        {"id": "m", "messages": [user[0], {"role": "assistant", "content": got[0]}]},
+        {"id": "p", "prompt": texts[1], "completion": got[1]},
+        {"id": "pm", "prompt": [user[2]], "completion": [{"role": "assistant", "content": got[2]}]},
+        {"id": "c", "content": texts[3], "teacher_response": got[3]},
+        rows[4],
+    ]
+    examples, _ = load_examples(DataConfig(train_path=str(tmp_path / "mixed.teacher.jsonl")))
+    assert [e.messages for e in examples] == [[u] for u in user]
+    assert [e.response for e in examples] == [*got, "given"]

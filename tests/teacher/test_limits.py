@@ -78,3 +78,28 @@ def test_classify_and_backoff():
 def test_bucket_rejects_bad_rates():
     with pytest.raises(ValueError, match="rate > 0"):
         TokenBucket(0, 1)
+
+
+def _bad_request(**error) -> openai.BadRequestError:
+    """A 400 as the openai client raises it: ``body`` is the error object of the JSON body."""
+    req = httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    resp = httpx2.Response(400, request=req)
+    return openai.BadRequestError("bad", response=resp, body={"message": "bad", **error})
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "param"),
+    [
+        ({"param": "max_tokens", "code": "unsupported_parameter"}, "request", "max_tokens"),
+        ({"param": "temperature", "code": "unsupported_value"}, "request", "temperature"),
+        ({"param": "reasoning_effort"}, "request", "reasoning_effort"),
+        ({"param": None, "code": None}, "permanent", None),  # about the prompt: today's failure
+        ({"param": "messages", "code": "context_length_exceeded"}, "permanent", None),
+        ({"param": "messages[0].content"}, "permanent", None),
+        ({"param": "prompt", "code": "content_policy_violation"}, "permanent", None),
+        ({"param": "temperature", "code": "content_filter"}, "permanent", None),
+    ],
+)
+def test_a_400_naming_a_request_parameter_is_not_a_prompts_failure(error, kind, param):
+    v = classify(_bad_request(**error), 1)
+    assert (v.kind, v.param, v.reason) == (kind, param, "HTTP 400: bad")
