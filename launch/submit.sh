@@ -9,7 +9,7 @@
 # launch/submit_single_node.sh and launch/submit_multi_node.sh call this with their presets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${RAY_ADDRESS:?set RAY_ADDRESS=http://<head-ip>:8265 (the head's dashboard)}"
+: "${RAY_ADDRESS:?set RAY_ADDRESS=http://<head-ip>:8265 (the dashboard of the head)}"
 : "${RUN_ROOT:?set RUN_ROOT to an absolute path on storage every node mounts, e.g. RUN_ROOT=/shared/gad-runs}"
 case "$RUN_ROOT" in
   /*) ;;

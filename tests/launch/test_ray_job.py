@@ -92,6 +92,9 @@ def test_ray_job_outputs_go_to_run_root_and_survive_the_cache(tmp_path):
 
 
 def test_submit_script_requires_an_absolute_run_root(tmp_path):
+    for script in sorted((REPO / "launch").glob("*.sh")):  # each one parses
+        out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert out.returncode == 0, (script.name, out.stderr)
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "RAY_ADDRESS": "http://127.0.0.1:1"}
     script = str(REPO / "launch" / "submit.sh")
     out = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
