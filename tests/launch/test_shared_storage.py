@@ -48,7 +48,7 @@ def _can_unshare() -> bool:
 @pytest.mark.skipif(not _can_unshare(), reason="unshare -m (a mount namespace) is not permitted")
 def test_a_node_that_does_not_see_the_run_dir_stops_the_run(tmp_path):
     shared, local = tmp_path / "shared", tmp_path / "seen"
-    shared.mkdir()
+    (shared / "run").mkdir(parents=True)  # the driver made the run dir before the check
     local.mkdir()
     blind = [
         "unshare",
