@@ -290,8 +290,26 @@ def proxy_kd_loss_topk(
     """``proxy_kd_loss`` from precomputed proxy targets ``proxy_topk(proxy_logits, k)``."""
     _check_weights(weights, mask)
     logp = token_logprobs(student_logits, labels)
-    ce = aggregate_loss(sft_loss_mat(logp), mask, "token-mean", token_denominator)
     kl = topk_kl_from_targets(top_logp, top_ids, student_logits, mask)
+    return proxy_kd_loss_from_terms(
+        logp, kl, mask, weights, alpha, token_denominator, seq_denominator
+    )
+
+
+def proxy_kd_loss_from_terms(
+    logp: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    alpha: float = 1.0,
+    token_denominator: float | None = None,
+    seq_denominator: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``proxy_kd_loss`` from its per-token terms [B, T]: the student's log-probs of the labels
+    (``token_logprobs``) and ``topk_kl``, however they were computed (e.g. at the response
+    positions of a packed micro-batch only, scattered back to [B, T])."""
+    _check_weights(weights, mask)
+    ce = aggregate_loss(sft_loss_mat(logp), mask, "token-mean", token_denominator)
     kd = aggregate_loss(
         weights.detach()[:, None] * kl, mask, "seq-mean-token-mean", seq_denominator
     )

@@ -227,7 +227,12 @@ class LearnerConfig(_Strict):
     generator_ranks: int = Field(1, ge=1)
     discriminator_ranks: int = Field(1, ge=1)
     micro_batch_size: int = Field(4, ge=1)  # sequences per micro batch per rank
-    max_tokens_per_micro_batch: int | None = Field(None, gt=0)  # dynamic batching budget
+    # dynamic batching: tokens COMPUTED per micro batch and rank, rows x longest row (padded) or
+    # the packed length; rows of neighbouring lengths share a micro batch (docs/placement.md)
+    max_tokens_per_micro_batch: int | None = Field(None, gt=0)
+    # packed sequences (no padding in the forward): auto packs under flash-attention's varlen
+    # kernels only; true also under sdpa/eager (a block-causal mask); false pads
+    packing: Literal["auto"] | bool = "auto"
     param_offload: bool = False
     optimizer_offload: bool = False
     reference_offload: bool = False
@@ -526,6 +531,17 @@ def _combination_problems(cfg: Config):
             "rollout.weight_sync=nccl with cluster.placement=colocated: NCCL cannot broadcast "
             "between processes on the same GPU (use ipc, object_store or auto)"
         )
+    overlapped = {
+        "trainer.pipeline=one_step_off": cfg.trainer.pipeline == "one_step_off",
+        "trainer.overlap_d_g=true": cfg.trainer.overlap_d_g is True,
+    }
+    for key in (k for k, on in overlapped.items() if on and cfg.cluster.gpus_per_node > 0):
+        if cfg.cluster.placement == "colocated":  # docs/placement.md#rejected-combinations
+            yield (
+                f"{key} with cluster.placement=colocated on GPUs: it keeps vLLM awake while G "
+                "trains, or G and D resident at once, on one GPU, and the memory plan has no "
+                "such overlapped phase; use cluster.placement=disaggregated, or drop the overlap"
+            )
     if cfg.rollout.weight_sync == "ipc" and cfg.cluster.gpus_per_node > 0:
         ranks, workers = cfg.learner.generator_ranks, cfg.rollout.num_workers
         if cfg.cluster.placement != "colocated" or workers > ranks:

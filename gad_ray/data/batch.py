@@ -30,7 +30,7 @@ class TokenBatch:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return TokenBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(TokenBatch)})
 
     def select(self, indices: list[int]) -> TokenBatch:
         """Rows ``indices`` (in that order), trailing all-padding columns trimmed."""
@@ -124,18 +124,31 @@ def balanced_partition(weights: list[int], k: int, equal_size: bool = False) -> 
     return [sorted(g) for g in groups]
 
 
+def micro_batch_tokens(lengths: list[int], packed: bool) -> int:
+    """Tokens the learner computes for one micro-batch of rows of ``lengths``: their sum when
+    packed (one row, no padding), else rows x the longest row (right-padded)."""
+    if not lengths:
+        return 0
+    return sum(lengths) if packed else len(lengths) * max(lengths)
+
+
 def micro_batches(
-    lengths: list[int], micro_batch_size: int | None, max_tokens: int | None
+    lengths: list[int],
+    micro_batch_size: int | None,
+    max_tokens: int | None,
+    packed: bool = False,
 ) -> list[list[int]]:
     """Split ``range(len(lengths))`` into micro-batches.
 
-    With ``max_tokens`` (takes precedence): the fewest micro-batches (found by trying
-    ``ceil(sum / max_tokens)``, then one more, ...) whose token sums all fit the budget; a
-    sequence longer than the budget gets a micro-batch of its own. Otherwise ``ceil(n /
-    micro_batch_size)`` micro-batches of at most ``micro_batch_size`` sequences (sizes differ by
-    at most one) of neighbouring lengths: a micro-batch is padded to its longest row, so
-    grouping by length computes the fewest padding tokens. Micro-batches are ordered by first
-    index; deterministic; none is empty.
+    With ``max_tokens`` (takes precedence) the budget bounds the tokens COMPUTED
+    (:func:`micro_batch_tokens`): padded, rows x longest row, met by runs of the rows in
+    decreasing length, each as long as its first (longest) row allows, so a micro-batch holds
+    rows of neighbouring lengths and computes few padding tokens (the fewest micro-batches of
+    such runs); ``packed``, the sum of the lengths, met by first-fit decreasing bin packing. A
+    row longer than the budget gets a micro-batch of its own. Otherwise ``ceil(n /
+    micro_batch_size)`` micro-batches of at most ``micro_batch_size`` rows (sizes differ by at
+    most one) of neighbouring lengths. Micro-batches are ordered by first index, each sorted;
+    deterministic; none is empty.
     """
     n = len(lengths)
     if n == 0:
@@ -152,37 +165,84 @@ def micro_batches(
         return sorted(sorted(by_length[a:b]) for a, b in itertools.pairwise(bounds))
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    alone = [[i] for i in range(n) if lengths[i] > max_tokens]
-    rest = [i for i in range(n) if lengths[i] <= max_tokens]
+    by_length = sorted(range(n), key=lambda i: (-lengths[i], i))
     groups: list[list[int]] = []
-    if rest:
-        weights = [lengths[i] for i in rest]
-        k = max(1, math.ceil(sum(weights) / max_tokens))
-        while True:  # ends at k = len(rest) at the latest: one sequence per group fits
-            groups = balanced_partition(weights, k)
-            if all(sum(weights[j] for j in g) <= max_tokens for g in groups):
-                break
-            k += 1
-        groups = [[rest[j] for j in g] for g in groups if g]
-    return sorted(alone + groups)
+    if packed:  # first-fit decreasing
+        sums: list[int] = []
+        for i in by_length:
+            g = next((g for g, s in enumerate(sums) if s + lengths[i] <= max_tokens), None)
+            if g is None:
+                groups.append([i])
+                sums.append(lengths[i])
+            else:
+                groups[g].append(i)
+                sums[g] += lengths[i]
+    else:  # runs of decreasing length, each padded to its first row
+        for i in by_length:
+            if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+    return sorted(sorted(g) for g in groups)
+
+
+def _split_to_multiple(
+    groups: list[list[int]], lengths: list[int], k: int, packed: bool
+) -> list[list[int]]:
+    """Split micro-batches in two (the one computing the most tokens first) until their number
+    is a multiple of ``k`` or none has two rows left; a half never computes more tokens."""
+
+    def cost(g: list[int]) -> tuple[int, int]:
+        return micro_batch_tokens([lengths[i] for i in g], packed), len(g)
+
+    groups = [sorted(g, key=lambda i: (-lengths[i], i)) for g in groups]
+    while len(groups) % k:
+        split = [g for g in groups if len(g) > 1]
+        if not split:
+            break
+        g = max(split, key=cost)
+        groups.remove(g)
+        # padded: the longer half and the shorter half; packed: alternate rows (equal sums)
+        halves = [g[0::2], g[1::2]] if packed else [g[: len(g) // 2], g[len(g) // 2 :]]
+        groups += halves
+    return groups
 
 
 def split_for_ranks(
-    lengths: list[int], num_ranks: int, micro_batch_size: int | None, max_tokens: int | None
+    lengths: list[int],
+    num_ranks: int,
+    micro_batch_size: int | None,
+    max_tokens: int | None,
+    packed: bool = False,
 ) -> list[list[list[int]]]:
     """Per rank, its micro-batches (indices into the global batch).
 
-    Sequences are first spread over ranks with :func:`balanced_partition` (equal counts when
-    splitting by ``micro_batch_size``, balanced tokens when by ``max_tokens``), then each rank's
-    share is split with :func:`micro_batches`. Every rank gets the SAME number of micro-batches,
-    as FSDP/ZeRO collectives require: ranks with fewer are padded at the end with EMPTY
-    micro-batches (``[]``), for which the learner must still run a forward/backward that
-    contributes zero loss (e.g. on a dummy sequence) so the collectives line up.
+    By ``max_tokens`` (a budget of computed tokens, padded or ``packed``, see
+    :func:`micro_batches`): the whole batch is cut into micro-batches of neighbouring lengths,
+    split further until their number is a multiple of ``num_ranks`` where rows allow, and dealt
+    out by decreasing computed tokens, ``num_ranks`` at a time (in alternating rank order), so
+    the i-th micro-batches of all ranks, which run their collectives in lockstep, compute about
+    as much. By ``micro_batch_size``: rows are spread over ranks in equal counts with
+    :func:`balanced_partition`, then each rank's share is split with :func:`micro_batches`.
+
+    Every rank gets the SAME number of micro-batches, as FSDP/ZeRO collectives require: ranks
+    with fewer are padded at the end with EMPTY micro-batches (``[]``), for which the learner
+    must still run a forward/backward that contributes zero loss (e.g. on a dummy sequence) so
+    the collectives line up.
     """
-    per_rank = balanced_partition(lengths, num_ranks, equal_size=max_tokens is None)
-    out = []
-    for idx in per_rank:
-        mbs = micro_batches([lengths[i] for i in idx], micro_batch_size, max_tokens)
-        out.append([[idx[j] for j in mb] for mb in mbs])
+    if max_tokens is None:
+        out = []
+        for idx in balanced_partition(lengths, num_ranks, equal_size=True):
+            mbs = micro_batches([lengths[i] for i in idx], micro_batch_size, None)
+            out.append([[idx[j] for j in mb] for mb in mbs])
+    else:
+        groups = micro_batches(lengths, None, max_tokens, packed)
+        groups = _split_to_multiple(groups, lengths, num_ranks, packed)
+        groups.sort(key=lambda g: (-micro_batch_tokens([lengths[i] for i in g], packed), min(g)))
+        out = [[] for _ in range(num_ranks)]
+        for c in range(0, len(groups), num_ranks):
+            ranks = range(num_ranks) if c // num_ranks % 2 == 0 else reversed(range(num_ranks))
+            for r, g in zip(ranks, groups[c : c + num_ranks], strict=False):
+                out[r].append(sorted(g))
     m = max(len(r) for r in out)
     return [r + [[] for _ in range(m - len(r))] for r in out]

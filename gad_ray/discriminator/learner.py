@@ -6,7 +6,8 @@ pair is nonlinear in BOTH of its scores, so a micro-batch holding a student row 
 teacher row cannot compute its own share of the loss: the step is the exact two-pass surrogate
 step of :meth:`~gad_ray.learner.group.LearnerGroup.surrogate_step` over ONE combined batch
 (teacher rows, then student rows), micro-batched and spread over ranks freely; a teacher row
-shared by n pairs is forwarded once per pass.
+shared by n pairs is forwarded once per pass. Every response reaching D ends the same way
+(:class:`~gad_ray.discriminator.ends.ResponseEnds`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import AutoModelForSequenceClassification
 from gad_ray.algorithms import bt_loss
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, concat_batches
+from gad_ray.discriminator.ends import ResponseEnds
 from gad_ray.discriminator.model import (
     DiscriminatorModel,
     check_discriminator_tokenizer,
@@ -29,6 +31,7 @@ from gad_ray.discriminator.model import (
 from gad_ray.learner.checkpoint import export_hf
 from gad_ray.learner.engine import MASTER_DTYPE, build_engine, compute_dtype
 from gad_ray.learner.group import LearnerGroup
+from gad_ray.learner.load_once import empty_tensors, reads_weights
 from gad_ray.learner.lora import (
     DISCRIMINATOR,
     adapter_config,
@@ -36,6 +39,7 @@ from gad_ray.learner.lora import (
     export_lora,
     is_lora_param,
 )
+from gad_ray.learner.packing import MicroBatch, discriminator_scores
 from gad_ray.learner.worker import LearnerWorker
 from gad_ray.models.loading import load_tokenizer, model_max_context
 from gad_ray.placement import RolePlacement
@@ -74,16 +78,19 @@ class DiscriminatorWorker(LearnerWorker):
         spec = self.cfg.model.discriminator
         dtype = compute_dtype(spec, self.device)
         lora = spec.lora.enabled  # the backbone frozen in the compute dtype, adapter + head fp32
+        empty = not reads_weights()  # rank 0 reads the weights, the engine broadcasts them
         model = DiscriminatorModel.from_pretrained(
             self.model_path,
             dtype=dtype if lora else MASTER_DTYPE,
             seed=self.cfg.seed,
             head_dtype=MASTER_DTYPE,
+            empty=empty,
         )
         saved = None
         if lora:
             self.lora_specs = {DISCRIMINATOR: spec.lora}
-            model.model = add_adapters(model.model, self.lora_specs, self.cfg.seed)
+            with empty_tensors(empty):
+                model.model = add_adapters(model.model, self.lora_specs, self.cfg.seed)
             saved = lambda n: is_lora_param(n) or n.startswith("score.")  # noqa: E731
         self.hf_config = model.config
         if spec.gradient_checkpointing:
@@ -94,14 +101,13 @@ class DiscriminatorWorker(LearnerWorker):
         )
 
     def scorer(self) -> Callable[..., torch.Tensor]:
-        """D's forward: ``(input_ids, attention_mask, response_mask) -> scores [B]``."""
+        """D's forward: ``(input_ids, attention_mask, response_mask | last_index,
+        position_ids) -> scores [B]`` (:class:`~gad_ray.discriminator.model.DiscriminatorModel`)."""
         return self.engine.module
 
-    def row_values(self, mb: TokenBatch) -> torch.Tensor:
+    def row_values(self, mb: MicroBatch) -> torch.Tensor:
         """``D(x, y)`` [b, 1] of each row (the surrogate step's value)."""
-        return self.scorer()(
-            input_ids=mb.input_ids, attention_mask=mb.attention_mask, response_mask=mb.response_mask
-        )[:, None]
+        return discriminator_scores(self.scorer(), mb)[:, None]
 
     def save_pretrained(self, path: str) -> None:
         """HF ``ForSequenceClassification`` export (+ the student's tokenizer) by rank 0, in
@@ -141,6 +147,7 @@ class DiscriminatorGroup(LearnerGroup):
         path = model_path or discriminator_source(cfg)
         model_max_context(path)  # fails fast on the host with ModelLoadError naming the path
         check_discriminator_tokenizer(cfg)
+        self.ends = ResponseEnds.of(cfg)
         student = cfg.model.student
         super().__init__(
             DiscriminatorWorker,
@@ -157,7 +164,7 @@ class DiscriminatorGroup(LearnerGroup):
     def score(self, batch: TokenBatch) -> torch.Tensor:
         """``D(x, y)`` [B]: the head's output at each row's last response token."""
         _check_batch(batch, "batch", "DiscriminatorGroup.score")
-        return self.gather_rows("surrogate_values", batch)[:, 0]
+        return self.gather_rows("surrogate_values", self.ends.normalise(batch))[:, 0]
 
     def train_bt(
         self, teacher: TokenBatch, student: TokenBatch, pair_teacher_index: torch.Tensor
@@ -186,4 +193,5 @@ class DiscriminatorGroup(LearnerGroup):
             scores = values[:, 0]
             return bt_loss(scores[:n][idx], scores[n:], "mean")
 
-        return self.surrogate_step(concat_batches(teacher, student), loss)
+        ends = self.ends.normalise
+        return self.surrogate_step(concat_batches(ends(teacher), ends(student)), loss)

@@ -1,7 +1,9 @@
 """The discriminator model (docs/algorithms.md §2.1): a causal-LM backbone plus a new linear head to one scalar.
 
 ``D(x, y)`` is the head's output at the LAST RESPONSE TOKEN (the final non-pad response token of
-the right-padded row), with no sigmoid. Dropout is 0.
+the right-padded row), with no sigmoid. Dropout is 0. The head computes in fp32 whatever the
+compute dtype (:class:`ScoreHead`): a bf16 score would carry 8 significant bits, and GRPO
+normalises the differences of a prompt's scores.
 
 On disk a discriminator is a standard Hugging Face ``<Arch>ForSequenceClassification``
 directory with ``num_labels=1`` (backbone under ``model.``, head ``score.weight``, no bias), so
@@ -13,8 +15,10 @@ causal-LM directory (e.g. the student) gives the backbone and a freshly initiali
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -50,22 +54,45 @@ def last_response_index(response_mask: torch.Tensor) -> torch.Tensor:
     return t - 1 - response_mask.flip(1).argmax(dim=1)
 
 
+class ScoreHead(nn.Linear):
+    """D's head ``Linear(hidden, 1, bias=False)``, computed in fp32: the input upcast, an fp32
+    weight, fp32 scores, also under bf16 compute. The engines keep it so (``keep_fp32``):
+    FSDP2 shards it as a unit of its own with an fp32 policy (its weight is the fp32 master);
+    DeepSpeed holds every module parameter in bf16, so it sets ``fp32_master``, which returns
+    the optimizer's full fp32 master of the weight (collective), and the forward computes with
+    that value while the gradient still reaches the module's weight."""
+
+    keep_fp32 = True
+
+    def __init__(self, hidden: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(hidden, 1, bias=False, dtype=dtype)
+        self.fp32_master: Callable[[], torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float()
+        if self.fp32_master is not None:
+            w = w + (self.fp32_master().to(w.device).view_as(w) - w).detach()
+        return F.linear(x.float(), w)
+
+
 def head_scores(
     hidden: torch.Tensor,
-    score: nn.Linear,
+    score: ScoreHead,
     response_mask: torch.Tensor | None,
     last_index: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Scores [B]: ``score`` at each row's ``last_index`` (default: its last response token)."""
+    """Scores [B] (fp32 with a :class:`ScoreHead`): ``score`` at each row's ``last_index``
+    (default: its last response token). ``hidden`` [1, N, h] of a packed micro-batch (B
+    sequences in one row): ``last_index`` [B] are positions in that row."""
     if last_index is None:
         if response_mask is None:
             raise ValueError("DiscriminatorModel.forward needs response_mask or last_index")
         last_index = last_response_index(response_mask)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    rows = torch.arange(len(last_index), device=hidden.device) if hidden.shape[0] > 1 else 0
     h = hidden[rows, last_index.to(hidden.device)]
     # a fresh [B] tensor, not a view: FSDP2 hooks the root's output for its pre-backward
     # all-gather, and an in-place op on a view of it would skip that hook
-    return score(h.to(score.weight.dtype)).squeeze(-1).clone()
+    return score(h).squeeze(-1).clone()
 
 
 def discriminator_config(backbone_config: PretrainedConfig) -> PretrainedConfig:
@@ -80,10 +107,10 @@ def discriminator_config(backbone_config: PretrainedConfig) -> PretrainedConfig:
     return cfg
 
 
-def new_head(config: PretrainedConfig, seed: int) -> nn.Linear:
-    """A fresh fp32 ``Linear(hidden, 1, bias=False)`` drawn from N(0, initializer_range) with
-    ``seed`` (independent of the global RNG)."""
-    score = nn.Linear(config.hidden_size, 1, bias=False, dtype=torch.float32)
+def new_head(config: PretrainedConfig, seed: int) -> ScoreHead:
+    """A fresh fp32 :class:`ScoreHead` drawn from N(0, initializer_range) with ``seed``
+    (independent of the global RNG)."""
+    score = ScoreHead(config.hidden_size)
     gen = torch.Generator().manual_seed(seed)
     std = getattr(config, "initializer_range", 0.02)
     with torch.no_grad():
@@ -98,7 +125,7 @@ def is_discriminator_dir(config: PretrainedConfig) -> bool:
 class DiscriminatorModel(nn.Module):
     """``model`` (the backbone) + ``score`` (``Linear(hidden, 1, bias=False)``)."""
 
-    def __init__(self, backbone: nn.Module, score: nn.Linear, config: PretrainedConfig) -> None:
+    def __init__(self, backbone: nn.Module, score: ScoreHead, config: PretrainedConfig) -> None:
         super().__init__()
         self.model, self.score, self.config = backbone, score, config
         self._no_split_modules = list(getattr(backbone, "_no_split_modules", None) or [])
@@ -106,13 +133,18 @@ class DiscriminatorModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         response_mask: torch.Tensor | None = None,
         last_index: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Scores [B]: the head at ``last_index`` (default: the last response token of each row)."""
+        """Scores [B]: the head at ``last_index`` (default: the last response token of each row);
+        packed sequences: ``position_ids``, no ``attention_mask`` (:mod:`gad_ray.learner.packing`)."""
         hidden = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
         ).last_hidden_state
         return head_scores(hidden, self.score, response_mask, last_index)
 
@@ -126,21 +158,32 @@ class DiscriminatorModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
         head_dtype: torch.dtype | None = None,
+        empty: bool = False,
     ) -> DiscriminatorModel:
         """Load a discriminator directory, or a causal LM's backbone plus a new head drawn from
         N(0, initializer_range) with ``seed`` (independent of the global RNG); the head in
-        ``head_dtype`` (default ``dtype``)."""
+        ``head_dtype`` (default ``dtype``). With ``empty``, the architecture only, on the meta
+        device, no weight file read (a learner rank that receives rank 0's weights)."""
         head_dtype = head_dtype or dtype
         model_max_context(spec)  # raises ModelLoadError naming the spec when it cannot resolve
         path = resolve_model_path(spec)
         config = AutoConfig.from_pretrained(path)
+        if empty:
+            dconfig = discriminator_config(config)
+            with torch.device("meta"):
+                backbone = AutoModel.from_config(dconfig, dtype=dtype)
+                head = ScoreHead(dconfig.hidden_size, head_dtype)
+            return cls(backbone, head, dconfig)
         if is_discriminator_dir(config):
             full = AutoModelForSequenceClassification.from_pretrained(
                 path, dtype=dtype, num_labels=1
             )
             if not isinstance(getattr(full, "score", None), nn.Linear):
                 raise ModelLoadError(f"{spec!r}: {type(full).__name__} has no linear `score` head")
-            return cls(full.model, full.score.to(head_dtype), discriminator_config(full.config))
+            head = ScoreHead(full.config.hidden_size, head_dtype)
+            with torch.no_grad():
+                head.weight.copy_(full.score.weight)
+            return cls(full.model, head, discriminator_config(full.config))
         dconfig = discriminator_config(config)
         backbone = AutoModel.from_pretrained(path, config=dconfig, dtype=dtype)
         return cls(backbone, new_head(dconfig, seed).to(head_dtype), dconfig)

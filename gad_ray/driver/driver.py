@@ -324,8 +324,9 @@ class Driver:
         x.pairs = torch.tensor([smp.prompt_index for smp in samples], dtype=torch.long)
         prompts = [x.examples[smp.prompt_index].prompt_ids for smp in samples]
         x.student = self.batch(prompts, [smp.token_ids for smp in samples])
+        x.rollout_logprobs = sample_logprobs(x.student, samples)
         if x.staleness > 0:
-            x.old_logprobs = sample_logprobs(x.student, samples)
+            x.old_logprobs = x.rollout_logprobs
 
     def regenerate(self, s: Sampling, x: StepInput, lost: RolloutWorkersLost) -> list[Sample]:
         """Replaced rollout workers get the policy's current weights and generate the lost
@@ -535,7 +536,7 @@ class Driver:
 
     def shutdown(self) -> None:
         if getattr(self, "roles", None) is not None:
-            self.roles.shutdown()
+            self.roles.shutdown(strict=False)  # no role is built after: warn, never mask an error
         self.data.shutdown()
 
 

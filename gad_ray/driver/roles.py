@@ -7,16 +7,21 @@ cluster ``cluster.placement`` applies to every role: colocated, one pool of GPUs
 roles of the run; disaggregated, a placement group for each set of roles started together
 (released when they stop), every set checked against the cluster before any actor starts. On
 CPU every actor gets its share of the cores. :class:`Roles` keeps the groups a stage needs alive
-and stops the others.
+and stops the others; stopping them all (a restart) waits until their CPUs, and on GPUs their
+GPU memory, are free again (docs/operations.md#restarts-wait-for-the-stopped-roles-memory).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import time
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gad_ray.config.schema import Config, ConfigError
 from gad_ray.driver.setup import cpus_per_actor
@@ -31,6 +36,57 @@ from gad_ray.placement import (
 )
 
 MIN_FREE_CPUS = 0.01  # fewer free CPUs than this: the cluster is busy (Ray's unit is 1e-4)
+GIB = 1 << 30
+GPU_FREE_TIMEOUT_S = 180.0  # a stopped role's GPU memory must be free again within this
+GPU_FREE_SLACK = GIB  # used memory above a GPU's own before the roles that still counts as free
+
+# a node's id -> the used memory in bytes of each of its GPUs, by Ray's GPU id (what
+# ray.get_gpu_ids() gives an actor there); Roles takes another one in tests
+GpuProbe = Callable[[str], dict[str, int]]
+
+
+class GpuMemoryHeld(RuntimeError):
+    """The GPUs stopped roles held did not free their memory in time."""
+
+
+@ray.remote(num_cpus=0)
+def _gpu_memory_used() -> dict[str, int] | None:
+    """This node's GPUs' used memory from nvidia-smi (NVML: no CUDA context of its own), keyed
+    by index and by UUID (Ray's GPU ids are either); None without nvidia-smi."""
+    query = ["nvidia-smi", "--query-gpu=index,uuid,memory.used", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, check=True, timeout=60).stdout
+    except FileNotFoundError:
+        return None
+    used = {}
+    for line in out.strip().splitlines():
+        index, uuid, mib = (field.strip() for field in line.split(","))
+        used[index] = used[uuid] = int(mib) << 20
+    return used
+
+
+def nvidia_smi_probe(node_id: str, timeout_s: float = 120.0) -> dict[str, int]:
+    """The :data:`GpuProbe` of a GPU cluster: nvidia-smi on node ``node_id`` (a 0-CPU task). A
+    node without nvidia-smi (logical GPUs), or that does not answer within ``timeout_s``, reads
+    as no memory in use: nothing to wait for there."""
+    where = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    ref = _gpu_memory_used.options(scheduling_strategy=where).remote()
+    try:
+        used = ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        used = None
+    if used is None:
+        why = f"node {node_id}: no GPU memory reading (nvidia-smi); not waiting for its GPUs"
+        warnings.warn(why, stacklevel=2)
+        return {}
+    return used
+
+
+def _actor_gpus(_actor: Any) -> tuple[str, str, list[str]]:
+    """Run in an actor (``__ray_call__``): its node's id and IP, the GPU ids Ray gave it."""
+    ctx = ray.get_runtime_context()
+    return ctx.get_node_id(), ray.util.get_node_ip_address(), [str(g) for g in ray.get_gpu_ids()]
 
 
 def preflight(cfg: Config, role_sets: list[tuple[str, ...]]) -> None:
@@ -74,7 +130,11 @@ class Roles:
         student_path: str,
         options: dict[str, dict[str, Any]],
         role_sets: list[tuple[str, ...]],
+        gpu_probe: GpuProbe = nvidia_smi_probe,
+        gpu_free_timeout_s: float = GPU_FREE_TIMEOUT_S,
     ) -> None:
+        """On a GPU cluster ``gpu_probe`` reads each GPU's used memory now, before any role, and
+        again on :meth:`shutdown`, until the GPUs the roles held are back to it."""
         self.cfg, self.student_path, self.options = cfg, student_path, options
         self.role_sets = role_sets
         self.groups: dict[str, Any] = {}
@@ -89,6 +149,10 @@ class Roles:
             union = tuple(dict.fromkeys(r for roles in role_sets for r in roles))
             self.places = plan_placement(cfg, union)
         self.cpu_scale = 1.0 if self.on_gpus else self.fit_cpus()
+        self.gpu_probe, self.gpu_free_timeout_s = gpu_probe, gpu_free_timeout_s
+        self.held: dict[str, set[str]] = {}  # node id -> the GPU ids the roles' actors were given
+        self.node_ips: dict[str, str] = {}
+        self.gpus_before = self.probe_gpus() if self.on_gpus else {}  # node -> GPU -> used
 
     def __getitem__(self, name: str) -> Any:
         if name not in self.groups:
@@ -128,7 +192,22 @@ class Roles:
         for name in new:
             twin = next((g for n, g in self.groups.items() if self.same_group(n, name)), None)
             self.groups[name] = twin if twin is not None else self.build(name, names)
+            if self.on_gpus and twin is None:
+                self.record_gpus(self.groups[name])
         return new
+
+    def probe_gpus(self, nodes: set[str] | None = None) -> dict[str, dict[str, int]]:
+        """Used memory of the GPUs of the cluster's live GPU nodes (those of ``nodes``; default
+        all): node id -> GPU id -> bytes. A dead node is left out (its GPUs went with it)."""
+        live = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+        return {node: self.gpu_probe(node) for node in live if nodes is None or node in nodes}
+
+    def record_gpus(self, group: Any) -> None:
+        """Note the GPUs the actors of ``group`` were given (asked now: a role that dies later
+        cannot say)."""
+        for node, ip, gpus in ray.get([w.__ray_call__.remote(_actor_gpus) for w in group.workers]):
+            self.held.setdefault(node, set()).update(gpus)
+            self.node_ips[node] = ip
 
     def check_cluster_gpus(self) -> None:
         """The Ray cluster has the GPUs the config declares (checked before any actor)."""
@@ -204,8 +283,11 @@ class Roles:
             return ProxyGroup(cfg, path, cpus_per_rank=cpus, placement=place, **opts)
         raise ValueError(f"unknown role {name!r}")
 
-    def shutdown(self) -> None:
-        """Stop every group; on a CPU-only cluster, return once their CPUs are free again."""
+    def shutdown(self, strict: bool = True) -> None:
+        """Stop every group; return once their CPUs (CPU-only cluster) or the GPU memory they
+        held (GPU cluster, :meth:`wait_for_gpu_memory`) are free again. GPU memory still held
+        after the wait raises :class:`GpuMemoryHeld` (``strict``: roles are built next, as in a
+        restart) or only warns (the end of a run)."""
         for group in {id(g): g for g in self.groups.values()}.values():
             group.shutdown()
         self.groups = {}
@@ -213,6 +295,44 @@ class Roles:
         self.places = {}
         if not self.on_gpus:
             self.wait_for_cpus(self.cpu_need() * self.cpu_scale)
+        else:
+            try:
+                self.wait_for_gpu_memory()
+            except GpuMemoryHeld as err:
+                if strict:
+                    raise
+                warnings.warn(str(err), stacklevel=2)
+
+    def wait_for_gpu_memory(self, poll_s: float = 0.5) -> None:
+        """Wait until every GPU the stopped roles held uses no more memory than before them
+        (+ :data:`GPU_FREE_SLACK`): ``ray.kill`` returns before a process has exited and its
+        CUDA memory is freed, and a vLLM started then sizes its KV cache to what is free at its
+        start, or fails. Past ``gpu_free_timeout_s``, :class:`GpuMemoryHeld` names each GPU
+        still held, its node, and its memory in use now and before."""
+        held, self.held = self.held, {}
+        deadline = time.monotonic() + self.gpu_free_timeout_s
+        while True:
+            busy = []
+            for node, used in sorted(self.probe_gpus(set(held)).items()):
+                before = self.gpus_before.get(node, {})
+                for gpu in sorted(held[node]):
+                    if used.get(gpu, 0) > before.get(gpu, 0) + GPU_FREE_SLACK:
+                        busy.append((node, gpu, used[gpu], before.get(gpu, 0)))
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise GpuMemoryHeld(
+                    f"the GPUs of the stopped roles still hold memory {self.gpu_free_timeout_s:g}"
+                    " s after their actors were killed: "
+                    + "; ".join(
+                        f"node {self.node_ips.get(n, n)} GPU {g}: {u / GIB:.1f} GiB in use, "
+                        f"{b / GIB:.1f} GiB before the roles started"
+                        for n, g, u, b in busy
+                    )
+                    + " (see nvidia-smi on the node for the processes that hold it); a new vLLM "
+                    "would not find the memory it needs"
+                )
+            time.sleep(poll_s)
 
     @staticmethod
     def wait_for_cpus(cpus: float, timeout_s: float = 30.0) -> None:

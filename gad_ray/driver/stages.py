@@ -48,8 +48,11 @@ class StepInput:
     student: TokenBatch | None = None
     pairs: torch.Tensor | None = None  # [len(student)]: the prompt (teacher) row of each sample
     samples: list[Sample] | None = None
-    # the sampling policy's log-probs [B, T] when the samples are off-policy (one-step-off
-    # pipeline, staleness > 0); None when they come from the current weights (ratio 1)
+    # the rollout's log-probs [B, T] of the samples' tokens (0 off the response): the measure of
+    # the policy update's ``logprob_gap``
+    rollout_logprobs: torch.Tensor | None = None
+    # the same when the samples are off-policy (one-step-off pipeline, staleness > 0): PPO's old
+    # log-probs; None when they come from the current weights (ratio 1)
     old_logprobs: torch.Tensor | None = None
     staleness: int = 0  # policy updates between the sampling weights and the trained ones
 

@@ -1,7 +1,18 @@
 """The DeepSpeed ZeRO-2/3 :class:`~gad_ray.learner.engine.Engine`.
 
-``deepspeed.initialize`` shards an ordinary (already built) model: building it inside
-``deepspeed.zero.Init`` fails with transformers 5.19 (DeepSpeed 0.19.8). On CPU, DeepSpeed runs with
+The model arrives built on the host, rank 0's with the weights, the other ranks' empty on the
+meta device (gad_ray/learner/load_once.py). Building it inside ``deepspeed.zero.Init`` fails with
+transformers 5.19 (DeepSpeed 0.19.8), and ``deepspeed.initialize`` given an ordinary model moves
+the whole of it to the device before partitioning. So :func:`_place` prepares it first: under
+ZeRO-3 it partitions module by module (each parameter placed on the device in the compute dtype,
+broadcast from rank 0 and cut to this rank's partition by DeepSpeed's ``zero.Init(module=...)``
+conversion before the next arrives; the device never holds more than its partitions plus one
+module's parameters), under ZeRO-2 it replicates parameter by parameter from rank 0; then
+``deepspeed.initialize`` moves, casts and broadcasts nothing more. The module's parameters are
+in the compute dtype; ZeRO's fp32 masters are copies of them (exact for weights stored in bf16).
+With bf16 compute, gradients are reduced and accumulated in fp32 (``communication_data_type``,
+``data_types.grad_accum_dtype``), as FSDP2's ``reduce_dtype`` here. docs/placement.md, "Learner
+backends: loading and partitioning", lists the keys set and why. On CPU, DeepSpeed runs with
 ``DS_ACCELERATOR=cpu`` over the gloo group the worker initialised.
 
 Gradient accumulation is ours: the config sets ``managed_gradient_accumulation: false``, so
@@ -36,6 +47,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -43,7 +55,8 @@ import torch.distributed as dist
 from torch import nn
 
 from gad_ray.config.schema import LearnerConfig, OptimConfig
-from gad_ray.learner.engine import MASTER_DTYPE, Engine, Selector, to_masters
+from gad_ray.learner.engine import MASTER_DTYPE, Engine, Selector
+from gad_ray.learner.load_once import broadcast_buffers, broadcast_module, place
 from gad_ray.learner.offload import CPU, move_data, move_module, move_optimizer_state
 from gad_ray.learner.optim import build_optimizer, build_scheduler
 
@@ -90,8 +103,13 @@ def deepspeed_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if ocfg is not None and ocfg.grad_clip:
-        config["gradient_clipping"] = ocfg.grad_clip
+    if ocfg is not None and dtype == torch.bfloat16:
+        # bf16 compute: reduce and accumulate gradients in fp32, as FSDP2's reduce_dtype here
+        # (DeepSpeed's defaults for both follow the compute dtype)
+        config["communication_data_type"] = "fp32"
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if ocfg is not None:  # DeepSpeed clips at 1.0 unless told otherwise; 0 turns it off
+        config["gradient_clipping"] = ocfg.grad_clip or 0.0
     return config
 
 
@@ -153,17 +171,24 @@ class DeepSpeedEngine(Engine):
     ) -> None:
         deepspeed = _import_deepspeed(device)
         self.device, self.dtype, self.saved = device, dtype, saved
-        model = to_masters(model).to(device)  # ZeRO's masters start from these fp32 weights
+        config = deepspeed_config(lcfg, ocfg, device, dtype)
+        model = _place(model, lcfg, config, device, dtype)
         optimizer = build_optimizer(model.parameters(), ocfg)
         scheduler = build_scheduler(optimizer, ocfg, total_steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(lcfg, ocfg, device, dtype),
+            config=config,
             dist_init_required=False,
         )
         self.module = self.ds
+        if dtype != MASTER_DTYPE:  # D's ScoreHead computes with its fp32 master, not bf16
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            for m in _unwrap(self.ds).modules():
+                if getattr(m, "keep_fp32", False):
+                    m.fp32_master = partial(safe_get_full_fp32_param, m.weight)
         self.grad_factor = float(dist.get_world_size())
         self.zero_stage = lcfg.zero_stage
         self.frozen_on_cpu = (
@@ -305,14 +330,55 @@ def build_frozen_deepspeed(
     model: nn.Module, lcfg: LearnerConfig, device: torch.device, dtype: torch.dtype
 ) -> nn.Module:
     """A forward-only copy in ``dtype``: ZeRO-3 partitioned (params offloaded to CPU with
-    ``reference_offload`` on GPU) or, under ZeRO-2, a replicated module."""
+    ``reference_offload`` on GPU) or, under ZeRO-2, a replicated module; rank 0's weights."""
     model.requires_grad_(False)
     if lcfg.zero_stage != 3:
-        return model.to(device, dtype).eval()
+        return broadcast_module(model, device, dtype).eval()
     deepspeed = _import_deepspeed(device)
     config = deepspeed_config(lcfg, None, device, dtype, offload_params=lcfg.reference_offload)
-    engine, *_ = deepspeed.initialize(
-        model=model.to(device), config=config, dist_init_required=False
-    )
+    model = _place(model, lcfg, config, device, dtype)
+    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
     engine.eval()  # DeepSpeedEngine.eval() returns None
     return engine
+
+
+def _place(
+    model: nn.Module,
+    lcfg: LearnerConfig,
+    config: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> nn.Module:
+    """``model`` (rank 0's weights on the host, empty on meta elsewhere) ready for
+    ``deepspeed.initialize``, its floating point parameters in the compute ``dtype`` (ZeRO keeps
+    fp32 masters of the trained ones): ZeRO-3 partitioned, ZeRO-2 replicated on ``device``."""
+    if lcfg.zero_stage != 3:
+        return broadcast_module(model, device, dtype)
+    _partition(model, config, device, dtype)
+    broadcast_buffers(model, device)
+    return model
+
+
+def _partition(
+    model: nn.Module, config: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> None:
+    """ZeRO-3-partition ``model`` one module's own parameters at a time, before
+    ``deepspeed.initialize`` sees it (which would otherwise move the whole model to the device
+    first). Each parameter is placed on ``device`` in ``dtype``, then DeepSpeed's
+    ``zero.Init(module=...)`` conversion broadcasts it from rank 0, keeps this rank's partition
+    (on CPU with ``offload_param``) and frees the full tensor: the device never holds more than
+    its partitions plus one module's parameters."""
+    import deepspeed  # imported by the caller first, with the accelerator set
+
+    first: nn.Parameter | None = None
+    for module in reversed(list(model.modules())):  # a module's children before itself
+        own = [p for p in module.parameters(recurse=False) if not _zero3(p)]
+        for p in own:
+            place(p, device, dtype)
+        if not own:
+            continue
+        if first is None:
+            deepspeed.zero.Init(module=module, config_dict_or_path=config)
+            first = own[0]
+        else:  # the Init's conversion again: same partitioning, same parameter ids
+            first.convert_to_zero_parameters(own)

@@ -6,8 +6,15 @@ backend (FSDP2 here, DeepSpeed in ``deepspeed_engine.py``) is a drop-in replacem
 
 Precision: trained weights and optimizer state are fp32 ``MASTER_DTYPE``; the model spec's
 ``dtype`` is only the COMPUTE dtype (FSDP2 ``MixedPrecisionPolicy(param_dtype=compute,
-reduce_dtype=fp32)``, DeepSpeed bf16 with fp32 masters). A bf16 master would round away an Adam
-step at lr 1e-6: the bf16 spacing near a weight of 0.02 is ~1.2e-4.
+reduce_dtype=fp32)``, DeepSpeed bf16 with fp32 masters and fp32 gradient reduction). A bf16
+master would round away an Adam step at lr 1e-6: the bf16 spacing near a weight of 0.02 is
+~1.2e-4.
+
+Loading: a model handed to an engine holds the weights on rank 0 (on the host) and may be empty,
+on the meta device, on the other ranks; the engines fill every rank's shards from rank 0's
+weights, one tensor at a time (gad_ray/learner/load_once.py; docs/placement.md, "Learner
+backends: loading and partitioning"). FSDP2 ``fully_shard``-s each decoder layer, then the root,
+and loads rank 0's state dict with ``set_model_state_dict(..., broadcast_from_rank0=True)``.
 
 Gradient convention: backends AVERAGE gradients over ranks, so a worker multiplies each
 micro-batch loss by ``engine.grad_factor`` (the world size) to get the gradient of the global
@@ -27,7 +34,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
@@ -39,6 +46,7 @@ from torch.distributed.tensor import DTensor
 
 from gad_ray.config.schema import LearnerConfig, ModelSpec, OptimConfig
 from gad_ray.learner import checkpoint
+from gad_ray.learner.load_once import load_shards, reads_weights
 from gad_ray.learner.offload import CPU, move_module, move_optimizer_state, synchronize
 from gad_ray.learner.optim import build_optimizer, build_scheduler, set_base_lr
 
@@ -175,17 +183,21 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def _shard(model: nn.Module, mesh: DeviceMesh, dtype: torch.dtype, offload: bool) -> nn.Module:
+def _shard(model: nn.Module, device: torch.device, dtype: torch.dtype, offload: bool) -> nn.Module:
+    """``fully_shard`` each decoder layer and the root (a layer at a time on the device), then
+    fill the shards from rank 0's weights (the other ranks' ``model`` may be empty, on meta)."""
+    full = model.state_dict() if reads_weights() else {}  # rank 0's host copy, until filled
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     policy = CPUOffloadPolicy() if offload else OffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=policy)
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for m in [m for m in model.modules() if getattr(m, "keep_fp32", False)]:  # D's ScoreHead
+        fully_shard(m, mesh=mesh, mp_policy=fp32, offload_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy)
+    load_shards(model, full, device, CPU if offload else device)
     return model
-
-
-def _mesh(device: torch.device) -> DeviceMesh:
-    return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
 def reshard(model: nn.Module) -> None:
@@ -229,7 +241,7 @@ class FSDP2Engine(Engine):
         self.params_on_cpu = offload  # CPUOffloadPolicy: shards, grads and Adam state live on CPU
         self.frozen_on_cpu = lcfg.reference_offload and device.type == "cuda"
         if not sharded:
-            model = _shard(to_masters(model), _mesh(device), dtype, offload)
+            model = _shard(to_masters(model), device, dtype, offload)
         self.module, self.saved = model, saved
         self.params = [
             p
@@ -351,4 +363,4 @@ def build_frozen(
 
         return build_frozen_deepspeed(model, lcfg, device, dtype)
     offload = lcfg.reference_offload and device.type == "cuda"
-    return _shard(model, _mesh(device), dtype, offload).eval()
+    return _shard(model, device, dtype, offload).eval()

@@ -17,25 +17,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from gad_ray.algorithms import (
     aggregate_loss,
     broadcast_to_tokens,
-    entropy_from_logits,
     kl_penalty,
     loss_denominator,
     ppo_clip_loss,
-    proxy_kd_loss_topk,
     sft_loss_mat,
-    token_logprobs,
 )
 from gad_ray.config.schema import Config, LoraSpec
 from gad_ray.data.batch import TokenBatch
 from gad_ray.learner import checkpoint
 from gad_ray.learner.engine import MASTER_DTYPE, build_engine, build_frozen, compute_dtype
 from gad_ray.learner.group import LearnerGroup
+from gad_ray.learner.load_once import empty_tensors, reads_weights
 from gad_ray.learner.lora import (
     GENERATOR,
     REFERENCE,
@@ -50,39 +47,10 @@ from gad_ray.learner.lora import (
     is_lora_param,
     peft_key,
 )
+from gad_ray.learner.packing import MicroBatch, distill_loss, policy_logprobs
 from gad_ray.learner.worker import LearnerWorker
 from gad_ray.models.loading import load_causal_lm, load_tokenizer, model_max_context
 from gad_ray.placement import RolePlacement
-
-
-def policy_logprobs(
-    model: nn.Module,
-    mb: TokenBatch,
-    temperature: float = 1.0,
-    entropy: bool = False,
-    entropy_grad: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Aligned log-probs [b, t] of ``mb``'s tokens under ``softmax(logits / temperature)``
-    (position t: token t given < t) and, with ``entropy``, the entropy [b, t] of that
-    distribution: detached unless ``entropy_grad`` (no [tokens, vocab] graph is kept for a
-    metric). Only positions from the micro-batch's shortest prompt on are computed (0 before):
-    the LM head never runs on the prompt tokens every row shares, which saves their
-    [tokens, vocab] logits, often the largest tensor of a step."""
-    first = max(1, int(mb.prompt_lens.min()))  # no row has a response token before this
-    keep = mb.input_ids.shape[1] - first + 1  # logits at positions first - 1 .. t - 1
-    logits = model(
-        input_ids=mb.input_ids,
-        attention_mask=mb.attention_mask,
-        use_cache=False,
-        logits_to_keep=keep,
-    ).logits[:, :-1]
-    logp = F.pad(token_logprobs(logits, mb.input_ids[:, first:], temperature), (first, 0))
-    if not entropy:
-        return logp, None
-    if entropy_grad:
-        return logp, F.pad(entropy_from_logits(logits, temperature), (first, 0))
-    with torch.no_grad():
-        return logp, F.pad(entropy_from_logits(logits.detach(), temperature), (first, 0))
 
 
 def _check_batch(batch: TokenBatch, method: str) -> None:
@@ -135,26 +103,29 @@ class GeneratorWorker(LearnerWorker):
                 model, lcfg, optim, self.device, dtype, self.total_steps, saved=is_lora_param
             )
             return
-        model = load_causal_lm(self.model_path, dtype=MASTER_DTYPE)
+        empty = not reads_weights()  # rank 0 reads the weights, the engines broadcast them
+        model = load_causal_lm(self.model_path, dtype=MASTER_DTYPE, empty=empty)
         self.hf_config = model.config
         if spec.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable({"use_reentrant": False})
         self.engine = build_engine(model, lcfg, optim, self.device, dtype, self.total_steps)
         if self.with_reference:
-            ref = load_causal_lm(self.model_path, dtype=dtype)
+            ref = load_causal_lm(self.model_path, dtype=dtype, empty=empty)
             self.reference = build_frozen(ref, lcfg, self.device, dtype)
 
     def adapter_model(self, dtype: torch.dtype, more: dict[str, LoraSpec]) -> AdapterModel:
         """The frozen base in the compute dtype with G's adapter, the KL reference's (a frozen
         copy of G's) and the ``more`` adapters (D's, on a shared base)."""
         spec = self.cfg.model.student
-        base = load_causal_lm(self.model_path, dtype=dtype)
+        empty = not reads_weights()  # rank 0 reads the weights, the engine broadcasts them
+        base = load_causal_lm(self.model_path, dtype=dtype, empty=empty)
         self.hf_config = base.config
         specs = {GENERATOR: spec.lora} | ({REFERENCE: spec.lora} if self.with_reference else {})
-        lm = add_adapters(base, specs | more, self.cfg.seed)
-        if self.with_reference:
-            copy_adapter(lm, GENERATOR, REFERENCE)
+        with empty_tensors(empty):
+            lm = add_adapters(base, specs | more, self.cfg.seed)
+            if self.with_reference:
+                copy_adapter(lm, GENERATOR, REFERENCE)
             for name, p in lm.named_parameters():
                 if is_adapter_param(name, REFERENCE):
                     p.requires_grad_(False)
@@ -189,7 +160,7 @@ class GeneratorWorker(LearnerWorker):
 
     # -- training -------------------------------------------------------------------------
     def train_sft(self, batch: TokenBatch, plan: list[list[int]], den: float) -> dict[str, float]:
-        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        def loss_fn(rows: list[int], mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
             logp, _ = policy_logprobs(self.policy(), mb)
             loss = aggregate_loss(sft_loss_mat(logp), mb.response_mask, "token-mean", den)
             return loss, {"loss": loss.item()}
@@ -204,11 +175,12 @@ class GeneratorWorker(LearnerWorker):
         old_logprobs: torch.Tensor | None,
         den: float,
         num_tokens: float,
+        rollout_logprobs: torch.Tensor | None = None,
     ) -> dict[str, float]:
         g = self.cfg.algorithm.grpo
         temp = g.temperature  # the sampling distribution: softmax(logits / T)
 
-        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        def loss_fn(rows: list[int], mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
             mask, t = mb.response_mask, mb.input_ids.shape[1]
             adv = advantages[rows, :t].to(self.device)
             logp, ent = policy_logprobs(
@@ -226,6 +198,9 @@ class GeneratorWorker(LearnerWorker):
                 "approx_kl": float(stats["approx_kl"].sum()) / num_tokens,
                 "entropy": float((ent.detach() * mask).sum()) / num_tokens,
             }
+            if rollout_logprobs is not None:  # the rollout's own log-probs of these tokens
+                gap = (logp.detach() - rollout_logprobs[rows, :t].to(self.device)).abs()
+                metrics["logprob_gap"] = float((gap * mask).sum()) / num_tokens
             reference = self.reference_policy()
             if reference is not None:
                 with torch.no_grad():
@@ -253,22 +228,10 @@ class GeneratorWorker(LearnerWorker):
         token_den: float,
         seq_den: float,
     ) -> dict[str, float]:
-        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        def loss_fn(rows: list[int], mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
             t, dev = mb.input_ids.shape[1], self.device
-            logits = self.policy()(
-                input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
-            ).logits[:, :-1]
-            loss, m = proxy_kd_loss_topk(
-                logits,
-                top_logp[rows, 1:t].to(dev),
-                top_ids[rows, 1:t].to(dev),
-                mb.input_ids[:, 1:],
-                mb.response_mask[:, 1:],
-                weights[rows].to(dev),
-                alpha,
-                token_den,
-                seq_den,
-            )
+            targets = top_logp[rows, :t].to(dev), top_ids[rows, :t].to(dev), weights[rows].to(dev)
+            loss, m = distill_loss(self.policy(), mb, *targets, alpha, token_den, seq_den)
             return loss, {"ce": m["ce"], "kd": m["kd"], "loss": loss.item()}
 
         return self.train_step(batch, plan, loss_fn)
@@ -406,29 +369,37 @@ class GeneratorGroup(LearnerGroup):
         return self.run_batch("train_sft", batch, den)[0]
 
     def train_grpo(
-        self, batch: TokenBatch, advantages: torch.Tensor, old_logprobs: torch.Tensor | None = None
+        self,
+        batch: TokenBatch,
+        advantages: torch.Tensor,
+        old_logprobs: torch.Tensor | None = None,
+        rollout_logprobs: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One optimizer step of PPO-clip + ``kl_coef`` * KL(reference) - ``entropy_coef`` * H,
         every log-prob at the sampling temperature ``algorithm.grpo.temperature``.
 
         ``advantages`` are [B] (broadcast to response tokens) or [B, T]; ``old_logprobs`` [B, T]
         (of the sampling policy, at that temperature) default to the current policy's
-        (on-policy: ratio 1).
+        (on-policy: ratio 1). ``rollout_logprobs`` [B, T], the rollout backend's log-probs of
+        the sampled tokens, only measure ``logprob_gap``: the mean |current policy's log-prob -
+        rollout's| over the response tokens (0 up to kernel rounding when the rollout holds the
+        current weights; docs/placement.md, "Sampling").
         """
         method = "GeneratorGroup.train_grpo"
         _check_batch(batch, method)
         if advantages.dim() == 1 and advantages.shape[0] == len(batch):
             advantages = broadcast_to_tokens(advantages.float(), batch.response_mask)
         _check_token_tensor(advantages, batch, "advantages", method)
-        if old_logprobs is not None:
-            _check_token_tensor(old_logprobs, batch, "old_logprobs", method)
+        for name, lp in (("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs)):
+            if lp is not None:
+                _check_token_tensor(lp, batch, name, method)
         g = self.cfg.algorithm.grpo
         den = loss_denominator(
             batch.response_mask, g.loss_agg_mode, self.cfg.data.max_response_length
         )
         num_tokens = float(batch.response_mask.sum())
         return self.run_batch(
-            "train_grpo", batch, advantages.float(), old_logprobs, den, num_tokens
+            "train_grpo", batch, advantages.float(), old_logprobs, den, num_tokens, rollout_logprobs
         )[0]
 
     def train_distill(

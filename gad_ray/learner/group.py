@@ -76,6 +76,7 @@ class LearnerGroup(AsyncCalls):
         try:
             addr, port = self._get([self.workers[0].rendezvous_address.remote()], ranks=[0])[0]
             self.run("init_distributed", addr, port)
+            self.packing: bool = self.run("packs")
         except BaseException:
             self.shutdown()
             raise
@@ -106,10 +107,16 @@ class LearnerGroup(AsyncCalls):
         return self.run_all(method, *args, **kwargs)[0]
 
     def plan(self, batch: TokenBatch) -> list[list[list[int]]]:
-        """Per rank, its micro-batches of global row indices (same count on every rank)."""
+        """Per rank, its micro-batches of global row indices (same count on every rank), by
+        ``learner.max_tokens_per_micro_batch`` tokens computed (packed or padded, as the ranks
+        compute them) or ``learner.micro_batch_size`` rows (:func:`split_for_ranks`)."""
         lcfg = self.cfg.learner
         return split_for_ranks(
-            batch.seq_lens(), self.num_ranks, lcfg.micro_batch_size, lcfg.max_tokens_per_micro_batch
+            batch.seq_lens(),
+            self.num_ranks,
+            lcfg.micro_batch_size,
+            lcfg.max_tokens_per_micro_batch,
+            self.packing,
         )
 
     def run_batch(self, method: str, batch: TokenBatch, *args: Any, **kwargs: Any) -> list[Any]:
@@ -144,8 +151,9 @@ class LearnerGroup(AsyncCalls):
         3. a training pass backpropagates the surrogate ``sum_i c_i * v_i(theta)`` per
            micro-batch, whose gradient is exactly ``dL/dtheta`` by the chain rule.
 
-        Returns the loss's metrics (before the update), ``grad_norm``, ``lr``, ``tokens_per_s``
-        and ``step_s``. The price is the extra no-grad forward (~1/3 of a forward+backward).
+        Returns the loss's metrics (before the update), ``grad_norm``, ``lr``, ``tokens_per_s``,
+        ``step_s`` and ``pad_ratio``. The price is the extra no-grad forward (~1/3 of a
+        forward+backward).
         """
         start = time.perf_counter()
         values = self.gather_rows("surrogate_values", batch).double()
@@ -158,6 +166,7 @@ class LearnerGroup(AsyncCalls):
             **metrics,
             "grad_norm": out["grad_norm"],
             "lr": out["lr"],
+            "pad_ratio": out["pad_ratio"],
             "tokens_per_s": batch.num_tokens() / seconds,
             "step_s": seconds,
         }

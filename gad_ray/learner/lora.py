@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -88,14 +88,36 @@ def active_adapter(model: nn.Module, name: str) -> Iterator[None]:
     flip ``requires_grad`` (freezing the other adapters, unfreezing the reference), so this sets
     the layers' active adapter alone."""
     layers = list(tuner_layers(model))
+    with _activated(layers, [[name] for _ in layers]):
+        yield
+
+
+@contextmanager
+def _activated(layers: list[BaseTunerLayer], active: list[list[str]]) -> Iterator[None]:
+    """Run the body with ``layers[i]``'s active adapters ``active[i]``, then restore them."""
     before = [layer._active_adapter for layer in layers]
-    for layer in layers:
-        layer._active_adapter = [name]
+    for layer, names in zip(layers, active, strict=True):
+        layer._active_adapter = names
     try:
         yield
     finally:
         for layer, old in zip(layers, before, strict=True):
             layer._active_adapter = old
+
+
+def recompute_with_forward_adapter(model: nn.Module) -> Callable[[], tuple[Any, Any]]:
+    """``torch.utils.checkpoint``'s ``context_fn`` for a model with several adapters: each
+    checkpointed layer is recomputed in backward with the adapters that were active in ITS
+    forward. Without it the recomputation runs with whatever is active when backward runs (the
+    default adapter, G's, once D's call has returned), and D's gradients come out of G's
+    adapter (docs/lora.md)."""
+    layers = list(tuner_layers(model))
+
+    def contexts() -> tuple[Any, Any]:  # called in the forward of each checkpointed layer
+        active = [layer._active_adapter for layer in layers]
+        return nullcontext(), _activated(layers, active)
+
+    return contexts
 
 
 def is_adapter_param(name: str, adapter: str) -> bool:
@@ -224,32 +246,43 @@ class AdapterModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         adapter: str = GENERATOR,
         use_cache: bool = False,
         response_mask: torch.Tensor | None = None,
         last_index: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
+        position_ids: torch.Tensor | None = None,
     ) -> Any:
         """With ``adapter`` active: D's scores [B] for :data:`DISCRIMINATOR` (the backbone's last
         hidden state through ``score``), else the causal LM's output (``.logits``, for the last
-        ``logits_to_keep`` positions when > 0)."""
+        ``logits_to_keep`` positions when > 0, or those it lists). Packed sequences:
+        ``position_ids``, no ``attention_mask`` (:mod:`gad_ray.learner.packing`)."""
         from gad_ray.discriminator.model import head_scores  # (it imports the learner package)
 
         with active_adapter(self.lm, adapter):
             if adapter == DISCRIMINATOR:
                 backbone = self.lm.get_base_model().model
-                out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                out = backbone(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                )
                 return head_scores(out.last_hidden_state, self.score, response_mask, last_index)
             return self.lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                position_ids=position_ids,
                 use_cache=False,
                 logits_to_keep=logits_to_keep,
             )
 
     def gradient_checkpointing_enable(self) -> None:
-        self.lm.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+        """Checkpoint each decoder layer; its recomputation in backward runs with the adapter
+        of its own forward (:func:`recompute_with_forward_adapter`)."""
+        kwargs = {"use_reentrant": False, "context_fn": recompute_with_forward_adapter(self.lm)}
+        self.lm.get_base_model().gradient_checkpointing_enable(kwargs)
 
 
 def copy_adapter(model: nn.Module, src: str, dst: str) -> None:

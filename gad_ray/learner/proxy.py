@@ -16,12 +16,12 @@ log-prob under the proxy (differentiable) and under the reference (a constant).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from gad_ray.algorithms import dpo_loss, proxy_topk, seq_mean_logp, token_logprobs
+from gad_ray.algorithms import dpo_loss, seq_mean_logp
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, concat_batches
-from gad_ray.learner.generator import GeneratorGroup, GeneratorWorker, _check_batch, policy_logprobs
+from gad_ray.learner.generator import GeneratorGroup, GeneratorWorker, _check_batch
+from gad_ray.learner.packing import MicroBatch, policy_logprobs, topk_targets
 from gad_ray.models.loading import check_same_tokenizer, load_tokenizer
 from gad_ray.placement import RolePlacement
 
@@ -56,7 +56,7 @@ class ProxyWorker(GeneratorWorker):
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)
 
-    def row_values(self, mb: TokenBatch) -> torch.Tensor:
+    def row_values(self, mb: MicroBatch) -> torch.Tensor:
         """Per row: [mean token log-prob under the proxy, under the frozen reference]."""
         if self.reference is None:
             raise RuntimeError("train_dpo: this proxy learner was built without a reference")
@@ -73,13 +73,7 @@ class ProxyWorker(GeneratorWorker):
         self.engine.module.eval()
         out = []
         for idx, _, mb in self.micro_batches(batch, plan):
-            logits = self.engine.module(
-                input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
-            ).logits[:, :-1]
-            top_logp, top_ids = proxy_topk(logits, k)
-            logp = token_logprobs(logits, mb.input_ids[:, 1:]).float()
-            top_logp, top_ids = F.pad(top_logp, (0, 0, 1, 0)), F.pad(top_ids, (0, 0, 1, 0))
-            logp = F.pad(logp, (1, 0))
+            top_logp, top_ids, logp = topk_targets(self.engine.module, mb, k)
             for j, i in enumerate(idx):
                 out.append((i, top_logp[j].cpu(), top_ids[j].cpu(), logp[j].cpu()))
         return out

@@ -21,6 +21,7 @@ import torch
 
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch
+from gad_ray.discriminator.ends import ResponseEnds
 from gad_ray.discriminator.learner import DiscriminatorGroup, DiscriminatorWorker
 from gad_ray.discriminator.model import (
     check_discriminator_tokenizer,
@@ -174,6 +175,7 @@ class SharedGroup(GeneratorGroup, DiscriminatorGroup):
         path = model_path or cfg.model.student.path
         model_max_context(path)  # fails fast on the host with ModelLoadError naming the path
         check_discriminator_tokenizer(cfg)
+        self.ends = ResponseEnds.of(cfg)  # D's input (DiscriminatorGroup.score, train_bt)
         student = cfg.model.student
         LearnerGroup.__init__(
             self,

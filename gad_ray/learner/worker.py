@@ -4,6 +4,7 @@ A role (generator, discriminator) subclasses :class:`LearnerWorker`, builds its 
 :meth:`setup` and expresses a training step as a per-micro-batch loss function handed to
 :meth:`train_step`. Every rank runs the same number of forwards/backwards: an empty
 micro-batch (see ``split_for_ranks``) runs a dummy row with zero loss so collectives line up.
+Micro-batches are padded or packed (``learner.packing``, :mod:`gad_ray.learner.packing`).
 
 Offloading: :meth:`LearnerWorker.offload` parks the idle learner's state on CPU. Any method that
 needs it onloads automatically: training and forward passes leave the learner onloaded (it is
@@ -29,11 +30,12 @@ from gad_ray.data.batch import TokenBatch
 from gad_ray.learner import checkpoint
 from gad_ray.learner.engine import Engine
 from gad_ray.learner.lora import check_base_pointer, write_base_pointer
+from gad_ray.learner.packing import MicroBatch, attn_implementation, micro_batch, use_packing
 from gad_ray.memory import memory_stats
 
 # (global rows of the micro-batch, micro-batch) -> (loss already divided by the global
 # denominators, additive metric sums)
-LossFn = Callable[[list[int], TokenBatch], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[list[int], MicroBatch], tuple[torch.Tensor, dict[str, float]]]
 
 
 class LearnerWorker:
@@ -48,6 +50,7 @@ class LearnerWorker:
         self.step = 0
         self.device = torch.device("cpu")
         self.lora_specs: dict[str, LoraSpec] = {}  # LoRA adapters trained here (setup sets them)
+        self.packing = False  # whether micro-batches are packed (set after setup)
 
     # -- distributed set-up --------------------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
@@ -73,6 +76,14 @@ class LearnerWorker:
         )
         torch.manual_seed(self.cfg.seed)
         self.setup()
+        engine = getattr(self, "engine", None)  # (a worker without a model packs nothing)
+        if engine is not None:
+            attn = attn_implementation(engine.module)
+            self.packing = use_packing(self.cfg.learner.packing, attn)
+
+    def packs(self) -> bool:
+        """Whether this rank packs its micro-batches (:func:`~gad_ray.learner.packing.use_packing`)."""
+        return self.packing
 
     def setup(self) -> None:
         """Build the models and ``self.engine`` (collective)."""
@@ -115,20 +126,21 @@ class LearnerWorker:
     # -- micro-batch loops ---------------------------------------------------------------
     def micro_batches(
         self, batch: TokenBatch, plan: list[list[int]]
-    ) -> list[tuple[list[int], list[int], TokenBatch]]:
-        """(indices, rows, micro-batch on this device) per micro-batch of ``plan``; an empty one
-        (``indices == []``) gets row 0 as a dummy (``rows == [0]``). Every forward and training
-        pass starts here, so an offloaded learner onloads here (and stays onloaded)."""
+    ) -> list[tuple[list[int], list[int], MicroBatch]]:
+        """(indices, rows, micro-batch on this device, packed or not) per micro-batch of
+        ``plan``; an empty one (``indices == []``) gets row 0 as a dummy (``rows == [0]``).
+        Every forward and training pass starts here, so an offloaded learner onloads here (and
+        stays onloaded)."""
         self.onload()
         out = []
         for idx in plan:
             rows = idx or [0]
-            out.append((idx, rows, batch.select(rows).to(self.device)))
+            out.append((idx, rows, micro_batch(batch, rows, self.device, self.packing)))
         return out
 
     @torch.no_grad()
     def forward_plan(
-        self, batch: TokenBatch, plan: list[list[int]], fn: Callable[[TokenBatch], torch.Tensor]
+        self, batch: TokenBatch, plan: list[list[int]], fn: Callable[[MicroBatch], torch.Tensor]
     ) -> tuple[list[int], list[torch.Tensor]]:
         """Run ``fn`` on each of this rank's micro-batches; return global indices and CPU rows."""
         indices, rows = [], []
@@ -144,10 +156,12 @@ class LearnerWorker:
     ) -> dict[str, float]:
         """One optimizer step over the global batch: grads accumulated over this rank's
         micro-batches, reduced by the engine; metric sums all-reduced over ranks. Gradients are
-        freed (``set_to_none``) by the engine's step."""
+        freed (``set_to_none``) by the engine's step. ``pad_ratio``: tokens computed (padding
+        and dummy micro-batches included) / real tokens, over all ranks' micro-batches."""
         start = time.perf_counter()
         self.engine.module.train()
         sums: dict[str, float] = {}
+        computed = real = 0
         for idx, rows, mb in self.micro_batches(batch, plan):
             loss, metrics = loss_fn(rows, mb)
             if not idx:
@@ -155,18 +169,25 @@ class LearnerWorker:
             self.engine.backward(loss * self.engine.grad_factor)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
+            computed += mb.computed_tokens()
+            real += mb.num_tokens() if idx else 0
         lr = self.engine.lr()
         grad_norm = self.engine.step()
         self.step += 1
-        out = self.all_reduce_sums(sums)
+        out = self.all_reduce_sums(sums | {"computed tokens": computed, "real tokens": real})
+        computed, real = out.pop("computed tokens"), out.pop("real tokens")
         seconds = time.perf_counter() - start
         out.update(
-            grad_norm=grad_norm, lr=lr, tokens_per_s=batch.num_tokens() / seconds, step_s=seconds
+            grad_norm=grad_norm,
+            lr=lr,
+            tokens_per_s=batch.num_tokens() / seconds,
+            step_s=seconds,
+            pad_ratio=computed / max(real, 1),
         )
         return out
 
     # -- two-pass surrogate steps (see LearnerGroup.surrogate_step) ---------------------------
-    def row_values(self, mb: TokenBatch) -> torch.Tensor:
+    def row_values(self, mb: MicroBatch) -> torch.Tensor:
         """Per-row values [b, k] of a surrogate step; column 0 is the differentiable one, the
         rest are constants the host loss also needs (e.g. a reference's)."""
         raise NotImplementedError(f"{type(self).__name__} has no surrogate step")
@@ -183,7 +204,7 @@ class LearnerWorker:
     ) -> dict[str, float]:
         """Pass 2: one optimizer step on ``sum_i coef_i * value_i(theta)``."""
 
-        def loss_fn(rows: list[int], mb: TokenBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        def loss_fn(rows: list[int], mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
             value = self.row_values(mb)[:, 0]
             return (coef[rows].to(self.device) * value.float()).sum(), {}
 

@@ -148,11 +148,21 @@ def load_tokenizer(spec: str, cache_dir: str | None = None) -> PreTrainedTokeniz
 
 
 def load_causal_lm(
-    spec: str, dtype: torch.dtype = torch.float32, cache_dir: str | None = None, **kw
+    spec: str,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | None = None,
+    empty: bool = False,
+    **kw,
 ) -> PreTrainedModel:
-    """AutoModelForCausalLM for `spec` in `dtype`; extra kwargs go to `from_pretrained`."""
+    """AutoModelForCausalLM for `spec` in `dtype`; extra kwargs go to `from_pretrained`. With
+    `empty`, the architecture only (its config), every tensor on the meta device: no weight file
+    is read (a learner rank that receives its weights from rank 0, gad_ray/learner/load_once.py)."""
     path = _checked_path(spec, cache_dir)
     try:
+        if empty:
+            config = AutoConfig.from_pretrained(path)
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise _wrap(spec, path, "model", e) from e

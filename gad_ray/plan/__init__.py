@@ -49,8 +49,8 @@ T: tokens per micro batch (``learner.max_tokens_per_micro_batch``, else ``micro_
 
 LoRA learners (``model.*.lora.rank`` > 0): the terms of :mod:`gad_ray.plan.lora`.
 
-The terms are summed as if they all peaked at once, an upper bound, except for padding: a
-token budget counts real tokens, and a micro batch is padded to its longest row.
+The terms are summed as if they all peaked at once, an upper bound; a token budget bounds the
+tokens computed, padding included (rows x longest row, or the packed length: docs/placement.md).
 """
 
 from __future__ import annotations

@@ -40,11 +40,18 @@ LEARNERS = ("generator", "discriminator")
 
 
 def check(cfg: Config) -> Iterator[str]:
-    n = cfg.algorithm.grpo.n_samples
-    if n < 2:
+    g = cfg.algorithm.grpo
+    if g.n_samples < 2:
         yield (
-            f"algorithm.grpo.n_samples={n}: GRPO needs at least 2 samples per prompt "
+            f"algorithm.grpo.n_samples={g.n_samples}: GRPO needs at least 2 samples per prompt "
             f"for algorithm.name={cfg.algorithm.name}"
+        )
+    if g.top_p < 1:
+        yield (
+            f"algorithm.grpo.top_p={g.top_p}: G's policy gradient computes its log-probs on the "
+            f"full softmax(logits / algorithm.grpo.temperature), so samples must come from "
+            f"that distribution: set algorithm.grpo.top_p=1.0 for algorithm.name="
+            f"{cfg.algorithm.name} (docs/placement.md, Sampling)"
         )
 
 
@@ -123,7 +130,9 @@ def gad_step(d: Any, x: StepInput) -> dict[str, Any]:
     k = d.cfg.algorithm.gad.d_steps_per_g_step
     updates = {"discriminator": lambda disc: d_steps(disc, x, k)}
     if x.index >= d.cfg.algorithm.gad.d_only_steps:
-        updates["generator"] = lambda gen: gen.train_grpo(x.student, adv, x.old_logprobs)
+        updates["generator"] = lambda gen: gen.train_grpo(
+            x.student, adv, x.old_logprobs, x.rollout_logprobs
+        )
     return metrics | d.update(updates)
 
 
@@ -135,7 +144,9 @@ def frozen_d_gad_step(d: Any, x: StepInput) -> dict[str, Any]:
     metrics |= prefix("d_", bt_loss(teacher_scores[x.pairs], rewards)[1])
     updates = {}
     if x.index >= d.cfg.algorithm.gad.d_only_steps:
-        updates["generator"] = lambda gen: gen.train_grpo(x.student, adv, x.old_logprobs)
+        updates["generator"] = lambda gen: gen.train_grpo(
+            x.student, adv, x.old_logprobs, x.rollout_logprobs
+        )
     return metrics | d.update(updates)
 
 

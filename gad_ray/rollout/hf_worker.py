@@ -3,6 +3,11 @@ for machines without vLLM. Slower (one prompt at a time, n samples batched), sam
 contract: per-token log-probs of the sampled tokens under ``softmax(logits / temperature)``,
 (after top-p when ``top_p < 1``), ``stop`` / ``length``, seeds of their own per prompt (its n
 samples are one batched draw).
+
+The model's generation config is replaced by one holding only its special token ids: its
+sampling settings (Qwen2.5-Instruct's repetition penalty, top-k, top-p, ...) would make
+``generate`` sample from a distribution the learner does not compute (docs/placement.md
+"Sampling").
 """
 
 import warnings
@@ -11,12 +16,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from transformers import GenerationConfig
 
 from gad_ray.config.schema import RolloutConfig
 from gad_ray.memory import memory_stats
 from gad_ray.models.loading import load_causal_lm
 from gad_ray.rollout.base import RolloutBackend
-from gad_ray.rollout.types import Sample, check_request, sample_seed
+from gad_ray.rollout.types import Sample, check_request, sample_seed, stop_token_ids
 from gad_ray.rollout.vllm_worker import resolve_dtype
 from gad_ray.rollout.weight_sync import (
     IpcHandle,
@@ -50,10 +56,12 @@ class HFRolloutWorker(RolloutBackend):
         config = self.model.config
         self.max_model_len = max_model_len or config.max_position_embeddings
         self.vocab_size = config.vocab_size
-        gen = self.model.generation_config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else min(self.eos_ids)
+        self.eos_ids = set(stop_token_ids(model_path))
+        pad = self.model.generation_config.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids)
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id
+        )
         self.params = dict(self.model.state_dict(keep_vars=True))
         self.group: dist.ProcessGroup | None = None
         self.seed = seed
@@ -88,6 +96,7 @@ class HFRolloutWorker(RolloutBackend):
         for i, ids in zip(indices, prompt_ids, strict=True):
             torch.manual_seed(self.seed if seed is None else sample_seed(seed, i))
             budget = min(max_tokens, self.max_model_len - len(ids))
+            # top_k=0: off (transformers' default is 50); nothing else is set
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
             out = self.model.generate(
                 torch.tensor([ids] * n, device=self.device),

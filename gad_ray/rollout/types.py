@@ -34,6 +34,33 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int = 0) -> int:
     return int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)
 
 
+def stop_token_ids(model_path: str) -> list[int]:
+    """The ids a response ends at, the only thing a rollout backend reads from the model's
+    generation config: its ``eos_token_id`` (one id or a list; the model config's when the
+    generation config has none) plus the tokenizer's EOS, which vLLM always stops at. Sorted."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    if eos is None:
+        eos = AutoConfig.from_pretrained(model_path).eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    try:
+        tokenizer_eos = AutoTokenizer.from_pretrained(model_path).eos_token_id
+    except (OSError, ValueError):  # no tokenizer beside the weights
+        tokenizer_eos = None
+    if tokenizer_eos is not None:
+        ids.add(tokenizer_eos)
+    if not ids:
+        raise ValueError(
+            f"model {model_path!r}: no EOS token id in its generation config, "
+            "model config or tokenizer"
+        )
+    return sorted(ids)
+
+
 def check_request(
     prompt_ids: list[list[int]],
     n: int,

@@ -19,7 +19,7 @@ from gad_ray.config.schema import RolloutConfig
 from gad_ray.memory import memory_stats
 from gad_ray.models.loading import VLLM_CPU_ENV, VLLM_CPU_LLM_KWARGS, model_max_context
 from gad_ray.rollout.base import RolloutBackend
-from gad_ray.rollout.types import Sample, check_request, sample_seed
+from gad_ray.rollout.types import Sample, check_request, sample_seed, stop_token_ids
 from gad_ray.rollout.weight_sync import IpcHandle, Meta, open_bucket, unpack_bucket
 
 EXTENSION = "gad_ray.rollout.weight_sync.WeightSyncExtension"
@@ -54,6 +54,9 @@ def engine_kwargs(
         "worker_extension_cls": EXTENSION,
         # log-probs of the distribution sampled from (logits / T), like the learner's
         "logprobs_mode": "processed_logprobs",
+        # no sampling defaults from the model's generation_config.json (its EOS ids still
+        # apply); requests carry every setting anyway (docs/placement.md "Sampling")
+        "generation_config": "vllm",
     }
     if on_gpu:
         tp = cfg.tensor_parallel_size
@@ -114,6 +117,7 @@ class RolloutWorker(RolloutBackend):
         self.model_path = model_path
         self.cfg = cfg
         self.llm = LLM(**engine_kwargs(model_path, cfg, dtype, max_model_len, seed, lora_rank))
+        self.stop_ids = stop_token_ids(model_path)
         self.lora_rank = lora_rank
         self.lora_request = None  # the adapter version served (None: the base alone)
         self.incoming: tuple[dict, dict[str, torch.Tensor]] | None = None  # an adapter update
@@ -147,7 +151,8 @@ class RolloutWorker(RolloutBackend):
         ``sample_seed(seed, prompt_indices[i], j)``, so results do not depend on how a batch is
         split and no two samples share an RNG stream. ``temperature=0`` is greedy (its one
         result repeated ``n`` times). Log-probs are vLLM's processed ones (after temperature,
-        and top-p when ``top_p < 1``)."""
+        and top-p when ``top_p < 1``). Nothing else shapes the distribution (no penalty, no
+        top-k); a response ends at :func:`stop_token_ids`."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -175,6 +180,7 @@ class RolloutWorker(RolloutBackend):
                         temperature=temperature,
                         top_p=top_p,
                         max_tokens=max_tokens,
+                        stop_token_ids=self.stop_ids,
                         seed=None if seed is None else sample_seed(seed, i, j),
                         logprobs=0,
                     )

@@ -4,7 +4,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gad_ray.data.batch import balanced_partition, make_batch, micro_batches, split_for_ranks
+from gad_ray.data.batch import (
+    balanced_partition,
+    make_batch,
+    micro_batch_tokens,
+    micro_batches,
+    split_for_ranks,
+)
 
 PAD = 0
 
@@ -96,30 +102,52 @@ def test_micro_batches_by_count():
     assert micro_batches([], 4, None) == []
 
 
-def test_micro_batches_by_token_budget():
+def test_micro_batches_by_token_budget_of_padded_tokens():
+    # rows x longest row <= 10: two rows of 5 each
     assert micro_batches([5] * 8, micro_batch_size=1, max_tokens=10) == [
-        [0, 4],
-        [1, 5],
-        [2, 6],
-        [3, 7],
+        [0, 1],
+        [2, 3],
+        [4, 5],
+        [6, 7],
     ]
     lengths = [30, 4, 50, 6, 12, 3]
     mbs = micro_batches(lengths, None, max_tokens=20)
-    assert [0] in mbs and [2] in mbs  # longer than the budget: alone
-    assert all(sum(lengths[i] for i in m) <= 20 for m in mbs if len(m) > 1)
-    assert sorted(i for m in mbs for i in m) == list(range(6))
-    assert len(mbs) == 4  # 30 | 50 | 25 tokens left over need 2 more
+    # 30 and 50 exceed the budget (alone); 12 pads a second row to 24 > 20 (alone); 6 4 3 -> 18
+    assert mbs == [[0], [1, 3, 5], [2], [4]]
+    # runs of neighbouring lengths: 9 8 7 | 3 2 1 pad to 27 + 9, where 9 3 | 8 2 | 7 1 (sums
+    # fitting 12) would pad to 18 + 16 + 14
+    lengths = [9, 1, 8, 2, 7, 3]
+    assert micro_batches(lengths, None, max_tokens=27) == [[0, 2, 4], [1, 3, 5]]
 
 
-@settings(max_examples=60, deadline=None)
+def test_micro_batches_by_token_budget_packed():
+    lengths = [30, 4, 50, 6, 12, 3]
+    # first-fit decreasing of the sums: 12 + 6 | 4 + 3
+    assert micro_batches(lengths, None, max_tokens=20, packed=True) == [[0], [1, 5], [2], [3, 4]]
+    assert micro_batches([5] * 8, None, max_tokens=10, packed=True) == [
+        [0, 1],
+        [2, 3],
+        [4, 5],
+        [6, 7],
+    ]
+
+
+def test_micro_batch_tokens():
+    assert micro_batch_tokens([3, 9, 4], packed=False) == 27
+    assert micro_batch_tokens([3, 9, 4], packed=True) == 16
+    assert micro_batch_tokens([], packed=False) == 0
+
+
+@settings(max_examples=80, deadline=None)
 @given(
     st.lists(st.integers(1, 200), min_size=0, max_size=40),
     st.integers(1, 4),
     st.integers(1, 6),
     st.one_of(st.none(), st.integers(50, 400)),
+    st.booleans(),
 )
-def test_split_for_ranks_properties(lengths, ranks, mbs, budget):
-    split = split_for_ranks(lengths, ranks, mbs, budget)
+def test_split_for_ranks_properties(lengths, ranks, mbs, budget, packed):
+    split = split_for_ranks(lengths, ranks, mbs, budget, packed)
     assert len(split) == ranks
     assert len({len(r) for r in split}) == 1  # same number of micro-batches on every rank
     flat = [i for r in split for m in r for i in m]
@@ -130,18 +158,36 @@ def test_split_for_ranks_properties(lengths, ranks, mbs, budget):
         for m in real:
             if budget is None:
                 assert len(m) <= mbs
-            else:
-                assert len(m) == 1 or sum(lengths[i] for i in m) <= budget
+            else:  # the budget bounds the tokens computed
+                assert len(m) == 1 or micro_batch_tokens([lengths[i] for i in m], packed) <= budget
     if budget is None:
         per_rank = [sum(len(m) for m in r) for r in split]
         assert max(per_rank) - min(per_rank) <= 1
+    elif any(not m for r in split for m in r):  # empty ones only when nothing could be split
+        assert all(len(m) <= 1 for r in split for m in r)
+
+
+def test_split_for_ranks_splits_instead_of_padding_and_lines_up_costs():
+    # 90 alone, the 10s in runs of 5 (50 tokens): 3 micro-batches for 2 ranks; the 5-row run is
+    # split in two rather than giving rank 1 an empty micro-batch
+    lengths = [90] + [10] * 9
+    split = split_for_ranks(lengths, num_ranks=2, micro_batch_size=None, max_tokens=50)
+    assert split == [[[0], [1, 2]], [[6, 7, 8, 9], [3, 4, 5]]]
+    # runs 100 | 98 | 60 | 59 | 30 29 10 (90) | 9, dealt by decreasing computed tokens two at a
+    # time in alternating rank order: the i-th micro-batches of the ranks (which run their
+    # collectives in lockstep) are neighbours in that order, (100, 98), (90, 60), (59, 9)
+    lengths = [100, 98, 60, 59, 30, 29, 10, 9]
+    split = split_for_ranks(lengths, num_ranks=2, micro_batch_size=None, max_tokens=100)
+    assert [[max(lengths[i] for i in m) * len(m) for m in r] for r in split] == [
+        [100, 60, 59],
+        [98, 90, 9],
+    ]
 
 
 def test_split_for_ranks_pads_with_empty_micro_batches():
-    lengths = [90] + [10] * 9
-    split = split_for_ranks(lengths, num_ranks=2, micro_batch_size=None, max_tokens=50)
-    assert split[0] == [[0], []]
-    assert sorted(i for m in split[1] for i in m) == list(range(1, 10)) and len(split[1]) == 2
+    # three rows, each over the budget, cannot be split further: one rank gets an empty one
+    split = split_for_ranks([90, 80, 70], num_ranks=2, micro_batch_size=None, max_tokens=50)
+    assert split == [[[0], []], [[1], [2]]]
     # divisible by ranks x micro_batch_size: equal shares, no padding
     split = split_for_ranks(list(range(1, 17)), num_ranks=2, micro_batch_size=4, max_tokens=None)
     assert [[len(m) for m in r] for r in split] == [[4, 4], [4, 4]]

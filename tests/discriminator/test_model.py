@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from gad_ray.data.batch import make_batch
 from gad_ray.discriminator.model import (
     DiscriminatorModel,
+    ScoreHead,
     check_discriminator_tokenizer,
     last_response_index,
 )
@@ -93,3 +94,32 @@ def test_tokenizer_mismatch_is_a_clear_error(tiny_model_dir, tmp_path):
     cfg.model.discriminator.path = str(other)
     with pytest.raises(ModelLoadError, match=r"student .* and discriminator .*other-tok.* differ"):
         check_discriminator_tokenizer(cfg)
+
+
+def test_score_head_computes_in_fp32_and_with_a_bf16_holders_fp32_master():
+    """The head upcasts its input and computes with an fp32 weight; a module held in bf16
+    (DeepSpeed) computes with the fp32 master it is given, and its gradient reaches the
+    module's weight: x^T dL/dscore."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=gen).to(torch.bfloat16)
+    master = 0.02 * torch.randn(1, 64, generator=gen)
+    head = ScoreHead(64)
+    with torch.no_grad():
+        head.weight.copy_(master)
+    want = (x.double() @ master.double().T).squeeze(-1)
+    out = head(x).squeeze(-1)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-7)
+    assert not bool((out == out.to(torch.bfloat16).float()).all())
+
+    held = ScoreHead(64, dtype=torch.bfloat16)  # the bf16 module weight, its master apart
+    with torch.no_grad():
+        held.weight.copy_(master)
+    held.fp32_master = lambda: master
+    out = held(x).squeeze(-1)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-7)
+    coef = torch.randn(8, generator=gen)
+    (coef * out).sum().backward()
+    assert held.weight.grad.dtype == torch.bfloat16
+    grad = (coef.double() @ x.double())[None]
+    torch.testing.assert_close(held.weight.grad.double(), grad, rtol=1e-2, atol=1e-3)

@@ -42,6 +42,18 @@ def test_d_and_g_in_parallel_give_the_sequential_metrics(sync_run, make_cfg, tmp
         assert 0.1 < gad[-1][key] < 20, key
 
 
+def test_rollout_and_learner_logprobs_agree_in_a_sync_run(sync_run, off_run):
+    """``g_logprob_gap``, every GAD step: the mean |learner - rollout| log-prob of the samples'
+    tokens. In sync the rollout holds the weights being trained and both sides compute fp32 on
+    CPU, so only kernel rounding remains (per token ~1e-6; the rollout tests' bound is 1e-4): the
+    mean stays below 1e-4, where a penalty or a wrong temperature would give > 1e-2. One step
+    off, the rollout's weights are one update (lr 1e-2) older: the gap measures that too."""
+    sync = [r for r in step_records(sync_run) if r["stage"] == "gad"]
+    assert len(sync) == 2 and all(0 <= r["g_logprob_gap"] < 1e-4 for r in sync)
+    off = [r for r in step_records(off_run) if r["stage"] == "gad"]
+    assert len(off) == 3 and all(r["g_logprob_gap"] > 1e-3 for r in off)
+
+
 OFF = ("trainer.pipeline=one_step_off", "algorithm.generator_optim.lr=1e-2", "trainer.save_every=1")
 
 

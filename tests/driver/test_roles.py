@@ -1,9 +1,11 @@
-"""Roles on a CPU-only cluster: each actor's share of the cores, given back on shutdown."""
+"""Roles on a CPU-only cluster: each actor's share of the cores, given back on shutdown. On a GPU
+cluster (logical GPUs, an injected memory probe): shutdown waits for the GPU memory the roles
+held, or fails naming the GPUs still held."""
 
 import pytest
 import ray
 
-from gad_ray.driver.roles import Roles
+from gad_ray.driver.roles import GpuMemoryHeld, Roles
 from gad_ray.models.loading import resolve_model_path
 
 from .conftest import tiny_overrides
@@ -34,3 +36,116 @@ def test_shutdown_returns_once_the_cpus_are_free_so_new_roles_get_full_shares(fo
         assert ray.available_resources().get("CPU", 0.0) == 0.0
         roles.shutdown()
         assert ray.available_resources()["CPU"] == 4.0
+
+
+# -- a GPU cluster: the restart waits for the GPU memory of the stopped roles ----------------
+
+GAD = ("rollout", "generator", "discriminator")
+GIB = 1 << 30
+BEFORE = {"0": GIB // 2, "1": GIB // 2, "2": GIB // 2, "3": 0}  # in use before the roles
+
+
+class Probe:
+    """The injected GPU-memory probe of the one node: ``used`` as the test sets it; after
+    :meth:`free_after` polls, back to what was in use before the roles (the processes exit)."""
+
+    def __init__(self) -> None:
+        self.used, self.polls, self.left = dict(BEFORE), [], None
+
+    def free_after(self, polls: int) -> None:
+        self.left = polls
+
+    def __call__(self, node_id: str) -> dict[str, int]:
+        self.polls.append(node_id)
+        if self.left is not None:
+            self.left -= 1
+            if self.left < 0:
+                self.used = dict(BEFORE) | {"3": self.used["3"]}  # GPU 3: not ours
+        return dict(self.used)
+
+
+@ray.remote(num_cpus=0)
+class Placed:
+    """Stands in for a role's actor where CUDA is needed to build one: placed the same way."""
+
+
+class GroupOfPlaced:
+    def __init__(self, place, n: int) -> None:
+        self.workers = [Placed.options(**place.options(i)).remote() for i in range(n)]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+
+
+class GpuRoles(Roles):
+    def build(self, name, alive=()):
+        return GroupOfPlaced(self.places[name], 2)
+
+
+@pytest.fixture
+def four_gpus():
+    ray.init(num_cpus=16, num_gpus=4, include_dashboard=False)  # logical GPUs, no CUDA
+    yield ray.get_runtime_context().get_node_id()
+    ray.shutdown()
+
+
+def gpu_roles(tmp_path, probe, timeout_s=30.0) -> GpuRoles:
+    from gad_ray.config.hydra_app import compose
+
+    cfg = compose(
+        tiny_overrides(
+            tmp_path / "run",
+            "cluster.gpus_per_node=4",
+            "cluster.placement=colocated",
+            "rollout.num_workers=2",
+            "learner.generator_ranks=2",
+            "learner.discriminator_ranks=2",
+        )
+    )
+    return GpuRoles(cfg, "unused", {}, [GAD], gpu_probe=probe, gpu_free_timeout_s=timeout_s)
+
+
+def test_restart_waits_until_the_stopped_roles_gpu_memory_is_free(four_gpus, tmp_path):
+    """Colocated roles on GPUs 0 and 1: shutdown returns only once the probe reads their memory
+    back at what it was before the roles (3 polls after the kill still read it held), whatever
+    GPU 3, which no role held, has in use."""
+    probe = Probe()
+    roles = gpu_roles(tmp_path, probe)
+    assert roles.gpus_before == {four_gpus: BEFORE}  # read before any actor
+    roles.ensure(GAD)
+    assert roles.held == {four_gpus: {"0", "1"}}  # actor i of every role on GPU i
+    probe.used |= {"0": 40 * GIB, "1": 40 * GIB, "3": 70 * GIB}  # 3: another job's
+    probe.free_after(3)
+    polls = len(probe.polls)
+    roles.shutdown()
+    assert len(probe.polls) - polls == 4 and probe.used["0"] == BEFORE["0"]
+    assert ray.available_resources().get("GPU") == 4.0  # the pool is released
+    roles.shutdown()  # nothing held any more: no wait
+    assert len(probe.polls) - polls == 4
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_restart_fails_naming_the_gpus_whose_memory_stays_held(strict, four_gpus, tmp_path):
+    """Before a restart's new roles (strict): an error naming each GPU still held, its node,
+    its memory now and before the roles; at the end of a run (not strict) the same as a
+    warning, so it cannot mask the run's own outcome."""
+    probe = Probe()
+    roles = gpu_roles(tmp_path, probe, timeout_s=1.0)
+    roles.ensure(GAD)
+    probe.used |= {"0": GIB // 2, "1": 35 * GIB}  # GPU 1 stays held (a process that hangs)
+    if strict:
+        with pytest.raises(GpuMemoryHeld) as err:
+            roles.shutdown()
+        msg = str(err.value)
+    else:
+        with pytest.warns(UserWarning) as warned:
+            roles.shutdown(strict=False)
+        msg = str(warned[0].message)
+    ip = ray.util.get_node_ip_address()
+    assert f"node {ip} GPU 1: 35.0 GiB in use, 0.5 GiB before the roles started" in msg, msg
+    assert "GPU 0" not in msg and "1 s after" in msg
+    assert roles.groups == {} and roles.held == {}  # torn down; a second shutdown does not wait
+    polls = len(probe.polls)
+    roles.shutdown()
+    assert len(probe.polls) == polls

@@ -56,12 +56,15 @@ def test_gad_runs_warmup_then_gad_and_exports(ray_session, make_cfg):
         "g_entropy",
         "g_grad_norm",
         "d_grad_norm",
+        "g_pad_ratio",
+        "d_pad_ratio",
         "time/score",
         "time/weight_sync",
         "gen_tokens_per_s",
     ):
         assert key in gad, key
     assert abs(gad["adv_mean"]) < 1e-5  # GRPO advantages are centred per group
+    assert gad["g_pad_ratio"] >= 1.0 and gad["d_pad_ratio"] >= 1.0  # computed / real tokens
     for r in steps[2:]:  # the reward is D's score of the samples before D's update
         assert r["reward_mean"] == pytest.approx(r["d_student_score_mean"], rel=1e-5, abs=1e-6)
     d = [model_weights(run_dir / "checkpoints" / f"step_{s:08d}" / "discriminator") for s in (2, 4)]

@@ -124,7 +124,7 @@ class ReferenceTrainer:
 
 def assert_metrics_close(got: dict, want: dict, tol: float = 1e-5) -> None:
     for k, v in want.items():
-        if k in ("tokens_per_s", "step_s"):  # timings
+        if k in ("tokens_per_s", "step_s", "pad_ratio"):  # timings; padding depends on the split
             continue
         assert got[k] == pytest.approx(v, rel=tol, abs=tol), f"metric {k}: {got[k]} != {v}"
 

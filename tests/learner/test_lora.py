@@ -38,10 +38,11 @@ CASES = [("fsdp", 3, 1), ("fsdp", 3, 2), ("deepspeed", 2, 2), ("deepspeed", 3, 1
 PAIRS = torch.tensor([0, 0, 1, 1])
 
 
-def lora_cfg(model_dir, shared: bool = False, **learner):
+def lora_cfg(model_dir, shared: bool = False, checkpointing: bool = False, **learner):
     raw = make_cfg(model_dir, **learner).model_dump()
     for who in ("student", "discriminator"):
         raw["model"][who]["lora"] = {"rank": RANK, "alpha": ALPHA}
+        raw["model"][who]["gradient_checkpointing"] = checkpointing
     raw["algorithm"]["discriminator_optim"] |= {"lr": 1e-3, "eps": 1e-6, "grad_clip": 1.0}
     raw["learner"]["shared_base"] = shared
     return validate_config(raw, check_model_context=False)
@@ -205,8 +206,11 @@ def test_lora_g_and_d_steps_equal_plain_peft(
 
 
 def test_shared_base_group_steps_equal_separate_lora_groups(tiny_model_dir, inputs, ray_session):
-    """One group, one base: G's SFT, D's BT, G's GRPO (after the reference reset), D's scores
-    and both adapters equal those of a separate G and a separate D group."""
+    """One group, one base, gradient checkpointing ON (as in the 7B LoRA one-GPU preset): G's
+    SFT, D's BT, G's GRPO (after the reference reset), D's BT again, D's scores and both adapters
+    equal those of a separate G and a separate D group without checkpointing. From D's first
+    step on both adapters are non-zero: a layer recomputed with the other role's adapter would
+    give other gradients (D's second BT step)."""
     batch, adv, noise = inputs
     teacher, student = make_token_batch(seed=5, n=2), make_token_batch(seed=6, n=4)
 
@@ -215,12 +219,13 @@ def test_shared_base_group_steps_equal_separate_lora_groups(tiny_model_dir, inpu
         g.reset_reference()
         out["grpo"] = g.train_grpo(batch, adv, g.compute_logprobs(batch, 0.8) + noise)
         out["grpo2"] = g.train_grpo(batch, adv)
+        out["bt2"] = d.train_bt(teacher, student, PAIRS)
         out["scores"] = d.score(student)
         out["g"], out["d"] = g.full_params(), d.full_params()
         return out
 
     learner = {"generator_ranks": 2, "discriminator_ranks": 2, "max_tokens_per_micro_batch": 24}
-    shared = SharedGroup(lora_cfg(tiny_model_dir, shared=True, **learner))
+    shared = SharedGroup(lora_cfg(tiny_model_dir, shared=True, checkpointing=True, **learner))
     try:
         got = run(shared, shared)
     finally:
@@ -232,7 +237,7 @@ def test_shared_base_group_steps_equal_separate_lora_groups(tiny_model_dir, inpu
     finally:
         g.shutdown()
         d.shutdown()
-    for step in ("sft", "bt", "grpo", "grpo2"):
+    for step in ("sft", "bt", "grpo", "grpo2", "bt2"):
         assert_metrics_close(got[step], want[step])
     assert got["grpo"]["kl"] == pytest.approx(0, abs=1e-7)  # the reference reset to G
     assert got["grpo2"]["kl"] > 0
