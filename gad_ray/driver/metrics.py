@@ -236,6 +236,9 @@ def plot_figure(records: list[dict[str, Any]]) -> Any:
     import matplotlib.pyplot as plt
 
     panels, spans = plot_series(records), stage_spans(records)
+    steps = [r["step"] for r in records] or [0]
+    pad = max(0.5, 0.02 * (max(steps) - min(steps)))
+    xlim = (min(steps) - pad, max(steps) + pad)  # every panel: the whole run, stages aligned
     cols = 3
     rows = max(1, math.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
@@ -263,7 +266,9 @@ def plot_figure(records: list[dict[str, Any]]) -> Any:
                 ha="left",
                 fontsize=7,
                 color="grey",
+                clip_on=True,
             )
+        ax.set_xlim(*xlim)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=8, loc="lower right")
