@@ -32,6 +32,10 @@ def default_run_dir(overrides: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     overrides = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(overrides):
+        print(f"usage: python -m gad_ray.demo [key=value ...]  (or: make demo)\n\n{__doc__}")
+        print("example: python -m gad_ray.demo algorithm.gad.steps=40  # outputs/demo-<hash>")
+        return
     os.environ[KEY_ENV] = secrets.token_hex(16)  # the demo's teacher requires a key, like an API
     t0 = time.time()
     with start_server_thread(api_key=os.environ[KEY_ENV], latency_ms=20) as server:

@@ -38,10 +38,11 @@ def compose(overrides: list[str] | None = None, run_dir: str | None = None) -> C
     return to_config(cfg)
 
 
-def hydra_entry(fn: Callable[[Config], Any]) -> Callable[[], None]:
+def hydra_entry(fn: Callable[[Config], Any], help: str) -> Callable[[], None]:
     """Wrap ``fn(config)`` as a Hydra app: compose, validate, run. A mistake in the input (an
     :class:`InputError`: config, path, data, model, key) prints its message alone and exits 2;
-    ``HYDRA_FULL_ERROR=1`` shows the traceback instead."""
+    ``HYDRA_FULL_ERROR=1`` shows the traceback instead. ``--help`` prints the app's page,
+    ``gad_ray/conf/hydra/help/<help>.yaml`` (what it does, its main keys, examples)."""
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
     @functools.wraps(fn)
@@ -54,4 +55,9 @@ def hydra_entry(fn: Callable[[Config], Any]) -> Callable[[], None]:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
 
-    return _app
+    def main() -> None:
+        if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+            sys.argv.append(f"hydra/help={help}")
+        _app()
+
+    return main

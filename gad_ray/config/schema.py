@@ -8,6 +8,7 @@ message names each offending key and value.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import warnings
@@ -397,9 +398,13 @@ class ClusterConfig(_Strict):
 
 
 class WandbConfig(_Strict):
+    """W&B logging (needs ``pip install 'gad-ray[wandb]'``); a resumed run continues the same W&B
+    run (its id is kept in ``<run_dir>/wandb_run_id``)."""
+
     project: str | None = None  # W&B logging on when set
     entity: str | None = None
     mode: Literal["online", "offline"] = "online"
+    tags: list[str] = []
 
 
 class GuardsConfig(_Strict):
@@ -419,7 +424,9 @@ class GuardsConfig(_Strict):
 
 
 class TrainerConfig(_Strict):
-    run_dir: str = "outputs/run"
+    # where the run's outputs go, made absolute (against the working directory) at start; on a
+    # cluster, storage every node mounts (docs/cluster.md#run-storage)
+    run_dir: str = Field("outputs/run", validate_default=True)
     resume: str = "auto"  # auto | never | a checkpoint directory
     save_every: int = Field(50, ge=1)
     keep_last: int = Field(2, ge=1)
@@ -438,6 +445,14 @@ class TrainerConfig(_Strict):
     # from the last complete checkpoint, this many times per run before the run stops
     max_restarts: int = Field(3, ge=0)
     guards: GuardsConfig = GuardsConfig()
+    # generated samples (prompt, student, teacher, D's scores) logged per eval: metrics.jsonl
+    # (an eval_samples event), TensorBoard (text) and W&B (a table); 0: none
+    log_samples: int = Field(4, ge=0)
+
+    @field_validator("run_dir")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path))
 
 
 class EvalSetSpec(_Strict):
@@ -594,6 +609,11 @@ def _combination_problems(cfg: Config):
                 "do; use bfloat16 (fp32 master weights, bf16 compute)"
             )
     yield from _lora_problems(cfg, roles)
+    if cfg.trainer.wandb.project and importlib.util.find_spec("wandb") is None:
+        yield (
+            f"trainer.wandb.project={cfg.trainer.wandb.project!r} needs the wandb package, which "
+            "is not installed: pip install 'gad-ray[wandb]' (or drop trainer.wandb.project)"
+        )
     if cfg.cluster.gpus_per_node == 0 and cfg.rollout.weight_sync == "nccl":
         yield "rollout.weight_sync=nccl needs GPUs (cluster.gpus_per_node=0)"
     if cfg.cluster.placement == "colocated" and cfg.rollout.weight_sync == "nccl":

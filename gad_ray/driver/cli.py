@@ -25,7 +25,7 @@ def _train(cfg) -> None:
         sys.exit(1)
 
 
-main = hydra_entry(_train)
+main = hydra_entry(_train, help="train")
 
 if __name__ == "__main__":
     main()

@@ -31,6 +31,7 @@ from gad_ray.driver import state as st
 from gad_ray.driver.guards import Guards
 from gad_ray.driver.metrics import MetricsLogger, plot_metrics
 from gad_ray.driver.roles import Roles, preflight
+from gad_ray.driver.samples import eval_samples
 from gad_ray.driver.setup import TeacherData, init_ray, load_eval_set
 from gad_ray.driver.stages import Sampling, Stage, StepInput, prefix
 from gad_ray.learner.group import LearnerError
@@ -88,6 +89,7 @@ class Driver:
         self.step = st.read_trainer_state(self.resume_ckpt)["step"] if self.resume_ckpt else 0
         preflight(cfg, self.role_sets)
         init_ray(cfg, self.role_sets)
+        st.check_shared_run_dir(self.run_dir)  # several nodes: every one sees the run dir
         try:
             self.data.start()
             self.roles = Roles(cfg, self.student_path, recipe.roles, self.role_sets)
@@ -400,7 +402,8 @@ class Driver:
             self.roles.asleep.discard(rollout_role)
 
     def log_eval(self, logger: MetricsLogger, label: str, step: int) -> None:
-        """Greedy eval of the student on ``data.eval_path`` (when its rollout role is alive)."""
+        """Greedy eval of the student on ``data.eval_path`` (when its rollout role is alive),
+        with a few of its samples (``trainer.log_samples``) and D's scores of them."""
         if self.eval_set is None or not self.roles.alive("rollout"):
             return
         if self.pending is not None:
@@ -408,12 +411,15 @@ class Driver:
         self.wake_and_sync("rollout", "generator")
         rollout, max_tokens = self.roles["rollout"], self.cfg.data.max_response_length
         try:
-            scores = self.eval_set.evaluate(rollout, max_tokens)
+            scores, samples = self.eval_set.evaluate(rollout, max_tokens)
         except RolloutWorkersLost:  # replaced: give the new workers the weights, score again
             self.versions["rollout"] = -1
             self.wake_and_sync("rollout", "generator")
-            scores = self.eval_set.evaluate(rollout, max_tokens)
-        logger.log_event(step, label, scores)
+            scores, samples = self.eval_set.evaluate(rollout, max_tokens)
+        d = self.roles["discriminator"] if self.roles.alive("discriminator") else None
+        k = self.cfg.trainer.log_samples
+        rows = eval_samples(self.eval_set.examples, samples, self.tokenizer, k, d)
+        logger.log_event(step, label, scores, samples=rows)
 
     def batch(self, prompts: list[list[int]], responses: list[list[int]]) -> TokenBatch:
         """Right-padded prompt + response rows of token ids."""

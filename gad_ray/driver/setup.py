@@ -212,7 +212,8 @@ class EvalSet:
     examples: list[TokenizedExample]
     tokenizer: Any
 
-    def evaluate(self, rollout: Any, max_tokens: int) -> dict[str, float]:
+    def evaluate(self, rollout: Any, max_tokens: int) -> tuple[dict[str, float], list[Any]]:
+        """The scores and the generated samples (one per prompt)."""
         from gad_ray.synthetic.tasks import score_responses
 
         samples = rollout.generate(
@@ -226,7 +227,7 @@ class EvalSet:
             out["eval_accuracy"] = scores["overall"]["accuracy"]
             for task, s in scores["tasks"].items():
                 out[f"eval_accuracy/{task}"] = s["accuracy"]
-        return out
+        return out, samples
 
 
 def load_eval_set(cfg: Config, tokenizer: Any) -> EvalSet | None:

@@ -182,7 +182,7 @@ def evaluate(cfg: Config) -> None:
         print(f"note: {problems} response(s) have no judge score (unparseable or failed)")
 
 
-main = hydra_entry(evaluate)
+main = hydra_entry(evaluate, help="eval")
 
 if __name__ == "__main__":
     main()

@@ -187,7 +187,7 @@ def fetch(cfg: Config) -> None:
         sys.exit(EXIT_BUDGET)
 
 
-main = hydra_entry(fetch)
+main = hydra_entry(fetch, help="fetch")
 
 if __name__ == "__main__":
     main()

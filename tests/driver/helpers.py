@@ -51,13 +51,28 @@ def assert_same_records(
         differ = {
             key: (a[key], value)
             for key, value in e.items()
-            if (
-                a[key] != pytest.approx(value, rel=rel, abs=abs_tol)
-                if isinstance(value, float)
-                else a[key] != value
-            )
+            if not _same(a[key], value, rel, abs_tol)
         }
         assert not differ, f"step {e['step']} (actual, expected): {differ}"
+
+
+def _same(a: Any, e: Any, rel: float, abs_tol: float) -> bool:
+    """Equal, floats within tolerance, inside lists and dicts too (an eval's samples)."""
+    if isinstance(e, float):
+        return a == pytest.approx(e, rel=rel, abs=abs_tol)
+    if isinstance(e, dict):
+        return (
+            isinstance(a, dict)
+            and a.keys() == e.keys()
+            and all(_same(a[k], e[k], rel, abs_tol) for k in e)
+        )
+    if isinstance(e, list):
+        return (
+            isinstance(a, list)
+            and len(a) == len(e)
+            and all(_same(x, y, rel, abs_tol) for x, y in zip(a, e, strict=True))
+        )
+    return a == e
 
 
 def assert_finite(records: list[dict[str, Any]]) -> None:
