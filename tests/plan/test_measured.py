@@ -1,0 +1,156 @@
+"""The memory plan against measurement: G's SFT step, G's GRPO step (with its KL reference) and
+D's BT step run through the learner workers the presets run (FSDP2, gradient checkpointing,
+fp32 masters with bf16 compute, micro batches planned by the learner group from an LMSYS-like
+length mix of up to 512 tokens) on a tiny Qwen2-shaped model, in this process on a one-rank
+gloo group. Each step's peak of live tensor bytes (``TensorPeak``: the profiler's allocator
+events on CPU) must lie within the plan's figure for the same micro batches
+(``learner_step``): measured <= plan <= 1.25 x measured, in bf16 and in fp32 compute."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from gad_ray.algorithms import bt_loss, loss_denominator
+from gad_ray.config.hydra_app import compose
+from gad_ray.data.batch import concat_batches, make_batch
+from gad_ray.discriminator.learner import DiscriminatorWorker
+from gad_ray.learner.generator import GeneratorWorker
+from gad_ray.learner.group import LearnerGroup
+from gad_ray.models.tiny import build_tokenizer
+from gad_ray.plan.learners import learner_step, shapes_of
+from gad_ray.plan.measure import TensorPeak
+
+MiB = 2**20
+# Qwen2-shaped, small: GQA (4 query heads, 2 KV heads), untied LM head, a vocabulary large
+# enough that G's logits, its activations and its states are each a good share of the peak
+DIMS = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=1024,
+    vocab_size=8192,
+    tie_word_embeddings=False,
+    max_position_embeddings=2048,
+)
+BUDGET = 2048  # learner.max_tokens_per_micro_batch
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen2-plan")
+    tok = build_tokenizer()
+    ids = dict(bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    config = Qwen2Config(**DIMS, **ids, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def lmsys_like(n: int, seed: int):
+    """Rows with log-normal prompt (median 80) and response (median 200) lengths, each capped
+    at 256: sequences of up to 512 tokens, as the 7B preset's mix at a smaller scale."""
+    g = torch.Generator().manual_seed(seed)
+
+    def lengths(median: float) -> list[int]:
+        draws = torch.randn(n, generator=g) * 0.6 + math.log(median)
+        return [max(1, min(256, int(math.exp(x)))) for x in draws.tolist()]
+
+    def ids(k: int) -> list[int]:
+        return torch.randint(3, 2000, (k,), generator=g).tolist()
+
+    return make_batch([ids(k) for k in lengths(80)], [ids(k) for k in lengths(200)], 0)
+
+
+def micro_batches(cfg, batch) -> list[list[int]]:
+    """The learner group's own micro-batch plan of ``batch`` for its one rank."""
+    return LearnerGroup.plan(SimpleNamespace(cfg=cfg, num_ranks=1), batch)[0]
+
+
+def measure(step) -> int:
+    """Peak live tensor bytes of the second call of ``step`` (the first allocates AdamW's state)."""
+    step()
+    peak = TensorPeak(torch.device("cpu"))
+    peak.start()
+    step()
+    return peak.stop()
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float32"])
+def phases(request, one_rank, model_dir):
+    """Per phase: (measured bytes, the plan's moment) for the same micro batches."""
+    dtype = request.param
+    cfg = compose(
+        [
+            f"model.student.path={model_dir}",
+            f"model.student.dtype={dtype}",
+            f"model.discriminator.dtype={dtype}",
+            "model.student.gradient_checkpointing=true",
+            "model.discriminator.gradient_checkpointing=true",
+            f"learner.max_tokens_per_micro_batch={BUDGET}",
+        ]
+    )
+    batch, teacher = lmsys_like(12, seed=0), lmsys_like(6, seed=1)
+    plan = micro_batches(cfg, batch)
+    assert len(plan) >= 2  # gradients of earlier micro batches are held by later ones
+    out = {}
+    gen = GeneratorWorker(cfg, 0, 1, "generator", 2, str(model_dir), True, None)
+    gen.setup()
+    den = loss_denominator(batch.response_mask, "token-mean")
+    adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(2))[:, None]
+    adv = adv * batch.response_mask
+    tokens = float(batch.response_mask.sum())
+    mbs = shapes_of(batch, plan)
+    out["G SFT"] = (
+        measure(lambda: gen.train_sft(batch, plan, den)),
+        learner_step(cfg, "G", mbs, cuda=False, kind="sft"),
+    )
+    out["G GRPO"] = (
+        measure(lambda: gen.train_grpo(batch, plan, adv, None, den, tokens)),
+        learner_step(cfg, "G", mbs, cuda=False, kind="grpo"),
+    )
+    del gen
+    disc = DiscriminatorWorker(cfg, 0, 1, "discriminator", 2, str(model_dir), str(model_dir), None)
+    disc.setup()
+    both = concat_batches(teacher, batch)
+    bt_plan = micro_batches(cfg, both)
+    pairs = torch.arange(len(batch)) // 2
+
+    def bt_step() -> None:  # DiscriminatorGroup.train_bt's two passes, on this one rank
+        _, rows = disc.surrogate_values(both, bt_plan)
+        v = torch.stack(rows)[:, 0].double().requires_grad_(True)
+        loss, _ = bt_loss(v[: len(teacher)][pairs], v[len(teacher) :], "mean")
+        (coef,) = torch.autograd.grad(loss, v)
+        disc.train_surrogate(both, bt_plan, coef.float())
+
+    out["D BT"] = (measure(bt_step), learner_step(cfg, "D", shapes_of(both, bt_plan), cuda=False))
+    print(f"\n{dtype} compute: phase | plan MiB (its largest moment) | measured MiB | plan/measured")
+    for name, (measured, moment) in out.items():
+        print(
+            f"  {name} | {moment.total / MiB:.1f} ({moment.name}) | {measured / MiB:.1f} | "
+            f"{moment.total / measured:.3f}"
+        )
+    return out
+
+
+@pytest.mark.parametrize("phase", ["G SFT", "G GRPO", "D BT"])
+def test_each_phase_peak_is_measured_within_the_plan(phases, phase):
+    measured, planned = phases[phase]
+    assert measured <= planned.total <= 1.25 * measured, (
+        f"{phase}: plan {planned.total / MiB:.1f} MiB ({planned.name}), measured "
+        f"{measured / MiB:.1f} MiB:\n"
+        + "\n".join(f"  {k}: {v / MiB:.2f}" for k, v in planned.terms.items())
+    )
