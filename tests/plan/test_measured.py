@@ -89,6 +89,41 @@ def measure(step) -> int:
     return peak.stop()
 
 
+def g_steps(cfg, model_dir, batch, plan) -> dict:
+    """G's SFT and GRPO steps: (measured bytes, the plan's moment) each."""
+    gen = GeneratorWorker(cfg, 0, 1, "generator", 2, str(model_dir), True, None)
+    gen.setup()
+    den = loss_denominator(batch.response_mask, "token-mean")
+    adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(2))[:, None]
+    adv = adv * batch.response_mask
+    tokens = float(batch.response_mask.sum())
+    mbs = shapes_of(batch, plan)
+    sft = measure(lambda: gen.train_sft(batch, plan, den))
+    grpo = measure(lambda: gen.train_grpo(batch, plan, adv, None, den, tokens))
+    return {
+        "G SFT": (sft, learner_step(cfg, "G", mbs, cuda=False, kind="sft")),
+        "G GRPO": (grpo, learner_step(cfg, "G", mbs, cuda=False, kind="grpo")),
+    }
+
+
+def d_step(cfg, model_dir, teacher, student) -> tuple:
+    """D's BT step (DiscriminatorGroup.train_bt's two passes, on this one rank)."""
+    disc = DiscriminatorWorker(cfg, 0, 1, "discriminator", 2, str(model_dir), str(model_dir), None)
+    disc.setup()
+    both = concat_batches(teacher, student)
+    plan = micro_batches(cfg, both)
+    pairs = torch.arange(len(student)) // 2
+
+    def bt_step() -> None:
+        _, rows = disc.surrogate_values(both, plan)
+        v = torch.stack(rows)[:, 0].double().requires_grad_(True)
+        loss, _ = bt_loss(v[: len(teacher)][pairs], v[len(teacher) :], "mean")
+        (coef,) = torch.autograd.grad(loss, v)
+        disc.train_surrogate(both, plan, coef.float())
+
+    return measure(bt_step), learner_step(cfg, "D", shapes_of(both, plan), cuda=False)
+
+
 @pytest.fixture(scope="module", params=["bfloat16", "float32"])
 def phases(request, one_rank, model_dir):
     """Per phase: (measured bytes, the plan's moment) for the same micro batches."""
@@ -106,38 +141,10 @@ def phases(request, one_rank, model_dir):
     batch, teacher = lmsys_like(12, seed=0), lmsys_like(6, seed=1)
     plan = micro_batches(cfg, batch)
     assert len(plan) >= 2  # gradients of earlier micro batches are held by later ones
-    out = {}
-    gen = GeneratorWorker(cfg, 0, 1, "generator", 2, str(model_dir), True, None)
-    gen.setup()
-    den = loss_denominator(batch.response_mask, "token-mean")
-    adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(2))[:, None]
-    adv = adv * batch.response_mask
-    tokens = float(batch.response_mask.sum())
-    mbs = shapes_of(batch, plan)
-    out["G SFT"] = (
-        measure(lambda: gen.train_sft(batch, plan, den)),
-        learner_step(cfg, "G", mbs, cuda=False, kind="sft"),
+    out = g_steps(cfg, model_dir, batch, plan) | {"D BT": d_step(cfg, model_dir, teacher, batch)}
+    print(
+        f"\n{dtype} compute: phase | plan MiB (its largest moment) | measured MiB | plan/measured"
     )
-    out["G GRPO"] = (
-        measure(lambda: gen.train_grpo(batch, plan, adv, None, den, tokens)),
-        learner_step(cfg, "G", mbs, cuda=False, kind="grpo"),
-    )
-    del gen
-    disc = DiscriminatorWorker(cfg, 0, 1, "discriminator", 2, str(model_dir), str(model_dir), None)
-    disc.setup()
-    both = concat_batches(teacher, batch)
-    bt_plan = micro_batches(cfg, both)
-    pairs = torch.arange(len(batch)) // 2
-
-    def bt_step() -> None:  # DiscriminatorGroup.train_bt's two passes, on this one rank
-        _, rows = disc.surrogate_values(both, bt_plan)
-        v = torch.stack(rows)[:, 0].double().requires_grad_(True)
-        loss, _ = bt_loss(v[: len(teacher)][pairs], v[len(teacher) :], "mean")
-        (coef,) = torch.autograd.grad(loss, v)
-        disc.train_surrogate(both, bt_plan, coef.float())
-
-    out["D BT"] = (measure(bt_step), learner_step(cfg, "D", shapes_of(both, bt_plan), cuda=False))
-    print(f"\n{dtype} compute: phase | plan MiB (its largest moment) | measured MiB | plan/measured")
     for name, (measured, moment) in out.items():
         print(
             f"  {name} | {moment.total / MiB:.1f} ({moment.name}) | {measured / MiB:.1f} | "
