@@ -13,6 +13,7 @@ kernel temporaries included).
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -63,3 +64,17 @@ class TensorPeak:
             peak = max(peak, live)
         self.prof = None
         return self.base + peak
+
+
+def start_peak(worker: Any) -> None:
+    """Inside a learner rank (``group.run_all("__ray_call__", start_peak)``): start measuring
+    its peak of live tensor bytes."""
+    worker.tensor_peak = TensorPeak(worker.device)
+    worker.tensor_peak.start()
+
+
+def stop_peak(worker: Any) -> int:
+    """Inside a learner rank: the peak since :func:`start_peak`."""
+    peak = worker.tensor_peak.stop()
+    del worker.tensor_peak
+    return peak
