@@ -135,7 +135,6 @@ def test_gpu_check_tiny_runs_learners_and_gad_without_vllm_and_deepspeed(tmp_pat
     for row in memory:  # the plan's figure for the same micro batches, within 25% above
         planned, measured = float(row[3].split()[0]), float(row[4])
         assert measured <= planned <= 1.25 * measured, row
-        assert row[3].split("(")[1].rstrip(")") in ("loss forward", "loss backward", "backward")
     assert "plan vs measured: PASSED" in out
 
     gad = _table(out, "## GAD end to end")
