@@ -147,12 +147,15 @@ def host_by_node(
             procs[node] += m
             for label, b in _kept(lr, cfg).items():
                 nodes[node][f"{label}: {m} x {b / GiB:.2f} GiB pinned"] = {"training": m * b}
-    for gpus in actors.get("rollout", []) if cfg.rollout.sleep_when_idle else []:
-        node = gpus[0] // gpn
-        row = nodes[node].setdefault("vLLM sleeping weights (bf16)", {"training": 0.0})
-        row["training"] += len(gpus) * _vllm_backup(cfg)
+    shards = [0] * len(nodes)  # vLLM workers' GPUs per node
     for gpus in actors.get("rollout", []):
-        procs[gpus[0] // gpn] += len(gpus)
+        shards[gpus[0] // gpn] += len(gpus)
+    for node, m in enumerate(shards):
+        procs[node] += m
+        if m and cfg.rollout.sleep_when_idle:
+            b = _vllm_backup(cfg)
+            label = f"vLLM sleeping weights: {m} x {b / GiB:.2f} GiB pinned"
+            nodes[node][label] = {"training": m * b}
     for node, load, n in zip(nodes, loads, procs, strict=True):
         node |= {label: {"loading": b} for label, b in load.items()}
         node[f"processes: {n} x 2 GiB allowance"] = {p: n * PROCESS for p in HOST_PHASES}

@@ -177,7 +177,7 @@ def _activations(lr: Learner, mb: MicroBatch, attention: Attention, cuda: bool) 
     out[f"{k} final norm, {t:.0f} tokens"] = (4 + (2 if k == "G" else 1) * c) * sh.hidden * t
     if mb.masked and attention != "flash":
         size = 1 if attention == "sdpa" else c  # bool; eager: additive, compute dtype
-        out[f"{k} attention mask, {size} B x {mb.rows:g} x {mb.length}^2"] = (
+        out[f"{k} attention mask, {size} B x {mb.rows:.3g} x {mb.length}^2"] = (
             size * mb.rows * mb.length**2
         )
     return out
