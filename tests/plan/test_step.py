@@ -10,7 +10,7 @@ from gad_ray.plan.step import Learner, MicroBatch, layer_saved, moments, step_pe
 
 # a small GQA decoder: h 256, 4 layers, 4 heads of 64, 2 KV heads, MLP 1024, vocabulary 8192
 SHAPE = ModelShape(256, 4, 4, 2, 1024, 8192, tied=False)
-H, Q, KV, I, V = 256, 256, 128, 1024, 8192
+H, Q, KV, MLP, V = 256, 256, 128, 1024, 8192
 
 
 def learner(kind="sft", c=2, key="G", **kw) -> Learner:
@@ -24,7 +24,7 @@ def test_one_layer_saved_per_attention_implementation():
     t = 4 * 300
     # per token: 2 RMSNorms (fp32 input + 2 c-wide), q + k, v repeated to 4 heads (a mask is
     # passed), the output and its contiguous copy, gate/up/SiLU/product
-    base = 2 * (4 + 2 * 2) * H + 2 * (3 * Q + 2 * Q) + 4 * 2 * I
+    base = 2 * (4 + 2 * 2) * H + 2 * (3 * Q + 2 * Q) + 4 * 2 * MLP
     lse = 4 * 4 * t  # fp32 log-sum-exp per head
     mask = 2 * 4 * 300**2  # the boolean mask converted to bf16, [b, 1, t, t]
     assert layer_saved(learner(), mb, "sdpa", cuda=False) == base * t + lse + mask
@@ -33,10 +33,10 @@ def test_one_layer_saved_per_attention_implementation():
     eager = base * t + (4 + 2) * 4 * 4 * 300**2
     assert layer_saved(learner(), mb, "eager", cuda=True) == eager
     # flash (packed rows on GPU): no mask, k and v at their own width
-    flat = (2 * (4 + 2 * 2) * H + 2 * (Q + 2 * KV + 2 * Q) + 4 * 2 * I) * t + lse
+    flat = (2 * (4 + 2 * 2) * H + 2 * (Q + 2 * KV + 2 * Q) + 4 * 2 * MLP) * t + lse
     assert layer_saved(learner(), MicroBatch(1, t, masked=False), "flash", cuda=True) == flat
     # fp32 compute: every c-wide tensor doubles, the fp32 ones stay
-    fp32 = (2 * (4 + 2 * 4) * H + 4 * (3 * Q + 2 * Q) + 4 * 4 * I) * t + lse + 4 * 4 * 300**2
+    fp32 = (2 * (4 + 2 * 4) * H + 4 * (3 * Q + 2 * Q) + 4 * 4 * MLP) * t + lse + 4 * 4 * 300**2
     assert layer_saved(learner(c=4), mb, "sdpa", cuda=False) == fp32
 
 
@@ -62,8 +62,9 @@ def test_g_logit_moments_by_hand():
     forward = by_name["loss forward"].terms
     assert forward["G logits, 2 B x 1500 x 8192"] == logits["logits"]
     assert forward["G flattened shifted logits, 2 B x 1500 x 8192"] == logits["flattened"]
-    assert forward["G fp32 log-softmax chunks kept for the backward, 4 B x 1500 x 8192"] == (
-        logits["kept"]
+    assert (
+        forward["G fp32 log-softmax chunks kept for the backward, 4 B x 1500 x 8192"]
+        == (logits["kept"])
     )
     assert forward["G fp32 entropy chunks in flight, 12 B x 1024 rows"] == logits["entropy chunks"]
     backward = by_name["loss backward"].terms
