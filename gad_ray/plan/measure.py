@@ -40,6 +40,7 @@ class TensorPeak:
         self.device = device
         self.base = 0
         self.prof: profile | None = None
+        self.where: list[str] = []  # CPU: the ops running at the peak, innermost first
 
     def start(self) -> None:
         if self.device.type == "cuda":
@@ -59,9 +60,14 @@ class TensorPeak:
         events = self.prof.profiler.kineto_results.events()
         allocs = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
         live = peak = 0
-        for _, nbytes in allocs:
+        at = None
+        for t, nbytes in allocs:
             live += nbytes
-            peak = max(peak, live)
+            if live > peak:
+                peak, at = live, t
+        ops = [e for e in events if e.name() != "[memory]" and at is not None]
+        ops = [e for e in ops if e.start_ns() <= at <= e.start_ns() + e.duration_ns()]
+        self.where = [e.name() for e in sorted(ops, key=lambda e: e.duration_ns())]
         self.prof = None
         return self.base + peak
 
