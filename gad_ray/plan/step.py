@@ -147,13 +147,17 @@ def layer_saved(lr: Learner, mb: MicroBatch, attention: Attention, cuda: bool) -
     return out
 
 
-def _held(lr: Learner) -> dict[str, float]:
-    """Held by every moment of a step: the sharded gradients (first term) and gathered roots."""
-    k, c, n = lr.key, lr.c, lr.ranks
-    out = {f"{k} fp32 gradients, 4 B x {count(lr.trained)} / {n}": 4 * lr.trained / n}
-    if lr.backend != "zero2":
-        out[f"{k} gathered root unit, {c} B x {count(lr.root)}"] = c * lr.root
-    return out
+def _gradients(lr: Learner) -> dict[str, float]:
+    """The sharded fp32 gradients, held from the first micro batch's reduce-scatter on."""
+    n = lr.ranks
+    return {f"{lr.key} fp32 gradients, 4 B x {count(lr.trained)} / {n}": 4 * lr.trained / n}
+
+
+def _root(lr: Learner) -> dict[str, float]:
+    """The root unit's gathered weights, from the forward to the end of the backward."""
+    if lr.backend == "zero2":
+        return {}
+    return {f"{lr.key} gathered root unit, {lr.c} B x {count(lr.root)}": lr.c * lr.root}
 
 
 def _reference_root(lr: Learner) -> dict[str, float]:
@@ -241,8 +245,8 @@ def _layer_weights(lr: Learner, cuda: bool) -> dict[str, float]:
 def moments(lr: Learner, mb: MicroBatch, attention: Attention, cuda: bool) -> list[Moment]:
     """The step's moments for micro batch ``mb`` (module docstring), resident states excluded."""
     k, c, sh, n = lr.key, lr.c, lr.shape, lr.ranks
-    held = _held(lr) | _reference_root(lr)
-    acts = held | _activations(lr, mb, attention, cuda)
+    grads, ref = _gradients(lr), _reference_root(lr)
+    acts = grads | _root(lr) | ref | _activations(lr, mb, attention, cuda)
     out = []
     if k == "G":
         out += [Moment(m.name, acts | m.terms) for m in _logit_moments(lr, mb)]
@@ -255,7 +259,6 @@ def moments(lr: Learner, mb: MicroBatch, attention: Attention, cuda: bool) -> li
         c * mb.tokens * (2 * sh.intermediate + 2 * sh.hidden)
     )
     out.append(Moment("backward", back | _layer_weights(lr, cuda)))
-    grads, ref = dict([next(iter(held.items()))]), _reference_root(lr)
     if lr.full and lr.backend == "fsdp":
         label = f"{k} root gradients: unsharded, fp32, shard, ({c} + 4 + 4/{n}) B x root"
         root = {label: (c + 4 + 4 / n) * lr.root}
