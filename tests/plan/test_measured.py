@@ -36,13 +36,13 @@ DIMS = dict(
     tie_word_embeddings=False,
     max_position_embeddings=2048,
 )
-# (compute dtype, vocabulary, learner.max_tokens_per_micro_batch): with 8192 tokens G's logits,
-# activations and states are each a good share of its peak (its loss forward is the largest
-# moment), with the tokenizer's 2048 and twice the budget its backward is
+# (compute dtype, vocabulary, learner.max_tokens_per_micro_batch, student rows): with 8192
+# tokens G's logits, activations and states are each a good share of its peak (its loss forward
+# is the largest moment); with the tokenizer's 2048 and twice the budget its backward is
 CASES = {
-    "bf16": ("bfloat16", 8192, 2048),
-    "fp32": ("float32", 8192, 2048),
-    "bf16, vocab 2048": ("bfloat16", 2048, 4096),
+    "bf16": ("bfloat16", 8192, 2048, 12),
+    "fp32": ("float32", 8192, 2048, 12),
+    "bf16, vocab 2048": ("bfloat16", 2048, 4096, 28),
 }
 
 
@@ -134,7 +134,7 @@ def d_step(cfg, model_dir, teacher, student) -> tuple:
 @pytest.fixture(scope="module", params=list(CASES))
 def phases(request, one_rank, tmp_path_factory):
     """Per phase: (measured bytes, the plan's moment) for the same micro batches."""
-    dtype, vocab, budget = CASES[request.param]
+    dtype, vocab, budget, rows = CASES[request.param]
     model_dir = build_model(tmp_path_factory.mktemp("qwen2-plan"), vocab)
     cfg = compose(
         [
@@ -146,7 +146,7 @@ def phases(request, one_rank, tmp_path_factory):
             f"learner.max_tokens_per_micro_batch={budget}",
         ]
     )
-    batch, teacher = lmsys_like(12, seed=0), lmsys_like(6, seed=1)
+    batch, teacher = lmsys_like(rows, seed=0), lmsys_like(rows // 2, seed=1)
     plan = micro_batches(cfg, batch)
     assert len(plan) >= 2  # gradients of earlier micro batches are held by later ones
     out = g_steps(cfg, model_dir, batch, plan) | {"D BT": d_step(cfg, model_dir, teacher, batch)}
