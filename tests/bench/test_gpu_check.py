@@ -1,4 +1,5 @@
-"""bench/gpu_check.py --tiny end to end, and ``rollout=hf`` + ``learner=fsdp`` on a machine
+"""bench/gpu_check.py --tiny end to end (learner steps, their memory against the plan's figure,
+GAD), and ``rollout=hf`` + ``learner=fsdp`` on a machine
 without vLLM and DeepSpeed: a ``sitecustomize`` on PYTHONPATH hides both packages (modules and
 distribution metadata) in the subprocess and in every Ray worker it starts."""
 
@@ -128,6 +129,13 @@ def test_gpu_check_tiny_runs_learners_and_gad_without_vllm_and_deepspeed(tmp_pat
         assert float(row[5].split()[0]) >= 0.99, row  # fraction of weights one step moved
         assert float(row[10].replace(",", "")) > 0 and row[12] == "-", row  # tokens/s; CPU: no MFU
     assert "weights moved: PASSED" in out
+
+    memory = _table(out, "## Memory per step: the plan vs measured (CPU: live tensors")
+    assert [r[:2] for r in memory] == [["SFT", "G"], ["GRPO", "G"], ["BT", "D"]]
+    for row in memory:  # the plan's figure for the same micro batches, within 25% above
+        planned, measured = float(row[3].split()[0]), float(row[4])
+        assert measured <= planned <= 1.25 * measured, row
+    assert "plan vs measured: PASSED" in out
 
     gad = _table(out, "## GAD end to end")
     assert [r[1] for r in gad] == ["warmup", "gad", "gad"]

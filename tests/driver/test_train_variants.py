@@ -64,7 +64,8 @@ def test_two_ranks_per_role_match_one_rank(default_run, tmp_path):
     two, one = split_free(step_records(run_dir)), split_free(step_records(default_run))
     assert_same_records(two, one, rel=1e-4, abs_tol=1e-5)
     assert all(r[k] >= 1.0 for r in step_records(run_dir) for k in r if k.endswith("pad_ratio"))
-    assert_same_records(event_records(run_dir), event_records(default_run))
+    # the evals' D scores too are summed in another order
+    assert_same_records(event_records(run_dir), event_records(default_run), rel=1e-4, abs_tol=1e-5)
 
 
 def split_free(records: list[dict]) -> list[dict]:
@@ -79,7 +80,7 @@ def test_deepspeed_learners_match_fsdp(default_run, tmp_path):
     ckpt = run_dir / "checkpoints" / "step_00000004"
     assert all((ckpt / role / "deepspeed").is_dir() for role in ("generator", "discriminator"))
     assert_same_records(step_records(run_dir), step_records(default_run), rel=1e-4, abs_tol=1e-5)
-    assert_same_records(event_records(run_dir), event_records(default_run))
+    assert_same_records(event_records(run_dir), event_records(default_run), rel=1e-4, abs_tol=1e-5)
 
 
 def test_hf_rollout(default_run, tmp_path):
@@ -92,7 +93,21 @@ def test_hf_rollout(default_run, tmp_path):
     for r, d in zip(steps[:2], default[:2], strict=True):
         for key in G_WARMUP_KEYS:
             assert r[key] == pytest.approx(d[key], rel=1e-5, abs=1e-6), (r["step"], key)
-    assert_same_records(event_records(run_dir)[:2], event_records(default_run)[:2])
+    # D trained on other samples, so only its scores in the eval samples differ
+    assert_same_records(
+        without_d(event_records(run_dir)[:2]), without_d(event_records(default_run)[:2])
+    )
+
+
+def without_d(events: list[dict]) -> list[dict]:
+    """Eval events with D's scores dropped from their samples."""
+    drop = ("d_student", "d_teacher")
+    return [
+        e | {"samples": [{k: v for k, v in s.items() if k not in drop} for s in e["samples"]]}
+        if "samples" in e
+        else e
+        for e in events
+    ]
 
 
 def test_sleep_when_idle_is_a_noop_on_cpu(default_run, tmp_path):

@@ -12,7 +12,7 @@ from gad_ray.config.hydra_app import CONF_DIR, compose
 from gad_ray.config.schema import ConfigError
 from gad_ray.driver.driver import Driver
 from gad_ray.plan import check_fits, layout, make_plan
-from gad_ray.plan.report import place_on_ray
+from gad_ray.plan.report import format_plan, place_on_ray
 
 GiB = 2**30
 BIN = Path(sys.executable).parent
@@ -32,7 +32,7 @@ def test_every_experiment_preset_validates_and_plans_on_its_declared_cluster(nam
     check_fits(cfg)
     c = cfg.cluster
     if c.gpus_per_node == 0:
-        assert "CPU-only" in plan.header[0] and plan.gpus == []
+        assert "CPU-only" in format_plan(plan) and plan.gpus == [] and plan.hosts == []
         return
     assert len(plan.gpus) == c.num_nodes * c.gpus_per_node
     assert all(g.actors for g in plan.gpus)  # the presets use every GPU they declare
@@ -43,38 +43,56 @@ def test_every_experiment_preset_validates_and_plans_on_its_declared_cluster(nam
     assert not ray.is_initialized()
 
 
+# Qwen2.5-7B-Instruct: hidden 3584, 28 layers, 28 query heads and 4 KV heads of 128, MLP 18944,
+# vocabulary 152064, untied LM head, biases on q, k, v
+H, LAYERS, MLP, VOCAB, KV, HEADS = 3584, 28, 18944, 152064, 4 * 128, 28
+LAYER = (H * H + H) + 2 * (H * KV + KV) + H * H + 3 * H * MLP + 2 * H  # q k v o, MLP, 2 norms
+ROOT, ROOT_D = 2 * VOCAB * H + H, VOCAB * H + 2 * H  # D: no LM head; final norm + Linear(h, 1)
+P, P_D = LAYERS * LAYER + ROOT, LAYERS * LAYER + ROOT_D
+PROC = 1.5 * GiB
+
+
 def test_qwen25_7b_preset_matches_a_hand_computation():
     plan = make_plan(compose(["experiment=qwen2.5-7b_gpt5chat"]))
-    # Qwen2.5-7B-Instruct: hidden 3584, 28 layers, 28 query heads and 4 KV heads of 128,
-    # MLP 18944, vocabulary 152064, untied LM head, biases on q, k, v.
-    h, n_layers, mlp, vocab, kv = 3584, 28, 18944, 152064, 4 * 128
-    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * mlp + 2 * h  # q k v o, MLP, 2 norms
-    root = 2 * vocab * h + h  # embeddings + LM head + final norm
-    p = n_layers * layer + root
-    assert p == 7_615_616_512
-    p_d = n_layers * layer + vocab * h + h + h  # D: no LM head; final norm + Linear(h, 1)
-    root_d = vocab * h + 2 * h
-    ranks, tokens, proc = 8, 12288, 1.5 * GiB
-    # per token: 28 checkpointed bf16 layer inputs, one layer recomputed (8h fp32 norm inputs +
-    # 16h bf16 + 8i bf16 MLP), the final norm (4h + 4h)
-    act = tokens * (n_layers * 2 * h + (24 * h + 8 * mlp) + 8 * h)
+    assert P == 7_615_616_512
+    # the worst micro batch: 12288 computed tokens as rows of the longest sequence (2048 +
+    # 1536), the LM head on every position, bf16, gradient checkpointing, 8 ranks
+    n, t, longest = 8, 12288, 3584
+    checkpointed = LAYERS * 2 * H * t + 2 * 2 * 128 * t  # layer inputs + rotary cos, sin
+    mask = t * longest  # bool [b, 1, t, t], b = t / longest
+    # G's GRPO step peaks in its loss forward, at the entropy metric's last chunk: the logits,
+    # their flattened copy, the fp32 log-softmax chunks kept for the backward, 3 fp32 chunks
     g_update = (
-        (4 + 8 + 4) * p / ranks  # fp32 master, Adam m+v, fp32 grads, sharded over 8
-        + 2 * p / ranks  # bf16 KL reference
-        + 2 * (root + 2 * layer) * 2  # gathered bf16 root + 2 layers, policy and reference
-        + 6 * (root + 2 * layer)  # their bf16 grads + fp32 reduce copies
-        + act
-        + tokens * vocab * 12  # logits: bf16 + copy + fp32 log-softmax; the reference's 4
-        + 3 * proc  # vLLM asleep, G, D processes; D offloaded (learner.offload_idle)
+        (4 + 8 + 2) * P / n  # fp32 masters, Adam m and v, bf16 KL reference
+        + 4 * P / n  # fp32 gradients
+        + 2 * ROOT * 2  # the policy's and the reference's gathered root units
+        + checkpointed
+        + (4 + 2 * 2) * H * t  # the final norm's fp32 input, normalised input and output
+        + mask
+        + (2 + 2 + 4) * t * VOCAB
+        + 12 * 1024 * VOCAB
+        + 3 * PROC  # vLLM asleep, G, D processes; D offloaded (learner.offload_idle)
     )
-    d_update = 16 * p_d / ranks + 2 * (root_d + 2 * layer) + 6 * (root_d + 2 * layer) + act
-    d_update += 3 * proc
-    generate = 0.7 * 80 * GiB + 2 * proc  # vLLM awake; both learners offloaded
+    # D's BT step peaks in the backward of its last layer
+    one_layer = (2 * (4 + 4) * H + 2 * 5 * H + 8 * MLP) * t + 4 * HEADS * t + 2 * 2 * mask
+    d_update = (
+        (12 + 4) * P_D / n
+        + 2 * ROOT_D
+        + checkpointed
+        + (4 + 2) * H * t  # D's final norm output is not kept (only its last rows are used)
+        + mask
+        + one_layer
+        + 2 * t * (2 * MLP + 2 * H)  # its gradients in flight
+        + 3 * 2 * LAYER  # the layer, the prefetched one, FSDP2's all-gather buffer
+        + (2 + 4) * LAYER  # its unsharded gradients, the fp32 reduce-scatter buffer
+        + 3 * PROC
+    )
+    generate = 0.7 * 80 * GiB + 2 * PROC  # vLLM awake; both learners offloaded
     want = {"generate": generate, "D update": d_update, "G update": g_update}
     for gpu in range(8):
         assert _totals(plan, gpu) == pytest.approx(want, rel=1e-12)
-    assert round(g_update / GiB, 2) == 61.18 and round(d_update / GiB, 2) == 30.55
-    assert round(generate / GiB, 2) == 59.0
+        assert plan.gpus[gpu].moments == {"D update": "backward", "G update": "loss forward"}
+    assert [round(want[k] / GiB, 2) for k in plan.phases] == [59.0, 27.88, 42.85]
 
 
 def test_qwen25_05b_without_offload_matches_a_hand_computation():
@@ -95,19 +113,19 @@ def test_qwen25_05b_without_offload_matches_a_hand_computation():
     p = n_layers * layer + root
     assert p == 494_032_768
     p_d = n_layers * layer + vocab * h + 2 * h
-    root_d = vocab * h + 2 * h
-    tokens, proc = 8192, 1.5 * GiB
-    act = tokens * (n_layers * 2 * h + (24 * h + 8 * mlp) + 8 * h)
+    t, longest = 8192, 3584
     g_resident = 12 * p + 2 * p  # one rank: master + Adam, bf16 reference
     d_resident = 12 * p_d
-    g_update = g_resident + 4 * p + 2 * (root + 2 * layer) * 2 + 6 * (root + 2 * layer)
-    g_update += act + tokens * vocab * 12 + d_resident + 3 * proc
-    d_update = d_resident + 4 * p_d + 2 * (root_d + 2 * layer) + 6 * (root_d + 2 * layer)
-    d_update += act + g_resident + 3 * proc
-    generate = 0.7 * 80 * GiB + g_resident + d_resident + 2 * proc
+    g_update = g_resident + 4 * p + 2 * root * 2 + n_layers * 2 * h * t + 2 * 2 * 64 * t
+    g_update += 8 * h * t + t * longest + 8 * t * vocab + 12 * 1024 * vocab
+    g_update += d_resident + 3 * PROC
+    # D's step peaks in AdamW's foreach step: a fp32 temporary per parameter
+    d_update = d_resident + 4 * p_d + 4 * p_d + g_resident + 3 * PROC
+    generate = 0.7 * 80 * GiB + g_resident + d_resident + 2 * PROC
     want = {"generate": generate, "D update": d_update, "G update": g_update}
     assert _totals(plan) == pytest.approx(want, rel=1e-12)
-    assert [round(want[k] / GiB, 2) for k in plan.phases] == [70.96, 20.38, 34.6]
+    assert plan.gpus[0].moments == {"D update": "optimizer step", "G update": "loss forward"}
+    assert [round(want[k] / GiB, 2) for k in plan.phases] == [70.96, 20.14, 30.23]
     assert plan.problems == []
 
 
@@ -144,6 +162,7 @@ def test_disaggregated_layout_and_the_kv_cache_check():
             "learner.generator_ranks=4",
             "learner.discriminator_ranks=4",
             "algorithm.grpo.entropy_coef=0.001",  # the entropy in the loss keeps its logits graph
+            "learner.max_tokens_per_micro_batch=20480",
         ]
     )
     gpus = layout(cfg)
@@ -152,11 +171,12 @@ def test_disaggregated_layout_and_the_kv_cache_check():
     plan = make_plan(cfg)
     assert plan.gpus[1].actors == ["vLLM worker 0 (tp shard 2/2)"]
     assert plan.gpus[15].actors == ["D rank 3"]
-    # G's own GPUs: 16 B/param over 4 ranks leave no room for the 12288-token logits once the
-    # entropy bonus is in the loss (16 B per logit)
+    # G's own GPUs: 18 B/param over 4 ranks leave no room for 20480-token logits once the
+    # entropy bonus is in the loss (its graph keeps 8 B per logit more)
     (problem,) = plan.problems
-    assert problem.startswith("GPUs 8-11 G update needs 81.1 GiB > 80.0 GiB")
-    assert "set learner.optimizer_offload=true (-> 52.7 GiB)" in problem
+    assert problem.startswith("GPUs 8-11 G update needs 90.1 GiB > 80.0 GiB")
+    assert "set learner.max_tokens_per_micro_batch=10240 (-> 64.6 GiB)" in problem
+    assert "set learner.optimizer_offload=true (-> 68.8 GiB)" in problem
     small = compose(["experiment=qwen2.5-7b_gpt5chat", "rollout.gpu_memory_utilization=0.2"])
     (problem,) = make_plan(small).problems
     assert problem.startswith("rollout: a worker's KV cache holds 0 tokens")
@@ -174,7 +194,7 @@ def test_gad_train_plan_only_prints_the_plan_and_exits_by_the_verdict(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "0    0     vLLM worker 0, G rank 0, D rank 0" in out.stdout
     assert "GPUs 0-7, peak GiB per phase:" in out.stdout
-    assert "Fits: the peak is 61.2 GiB (G update on GPUs 0-7) of 80.0 GiB" in out.stdout
+    assert "Fits: the peak is 59.0 GiB (generate on GPUs 0-7) of 80.0 GiB" in out.stdout
     out = _gad_train(
         "experiment=qwen2.5-7b_gpt5chat", "plan_only=true", "learner.offload_idle=false",
         cwd=tmp_path,
