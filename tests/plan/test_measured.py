@@ -80,8 +80,9 @@ def lmsys_like(n: int, seed: int):
 
 
 def micro_batches(cfg, batch) -> list[list[int]]:
-    """The learner group's own micro-batch plan of ``batch`` for its one rank."""
-    return LearnerGroup.plan(SimpleNamespace(cfg=cfg, num_ranks=1), batch)[0]
+    """The learner group's own micro-batch plan of ``batch`` for its one rank (padded, as
+    the ranks compute under SDPA)."""
+    return LearnerGroup.plan(SimpleNamespace(cfg=cfg, num_ranks=1, packing=False), batch)[0]
 
 
 def measure(step) -> tuple[int, str]:
