@@ -342,7 +342,7 @@ class GeneratorWorker(LearnerWorker):
         if self.rank == 0:
             tok = load_tokenizer(spec.tokenizer or self.model_path)
             if keep is None:
-                checkpoint.export_hf(path, state, self.hf_config, tok)
+                checkpoint.export_hf(path, state, self.hf_config, tok, base=self.model_path)
             else:
                 export_lora(path, state, GENERATOR, spec.lora, adapter, self.engine.dtype, tok)
         dist.barrier()
