@@ -207,8 +207,13 @@ def default_out(ckpt: Checkpoint) -> Path:
         raise ExportError(
             f"{str(ckpt.role_dir)!r} lies outside a run dir's checkpoints/: name the output folder"
         )
-    name = f"step_{ckpt.step:08d}" + ("" if ckpt.role == "generator" else f"-{ckpt.role}")
-    return ckpt.run_dir / "exports" / name
+    out = export_dir(ckpt.run_dir, ckpt.step)
+    return out if ckpt.role == "generator" else out.with_name(f"{out.name}-{ckpt.role}")
+
+
+def export_dir(run_dir: Path, step: int) -> Path:
+    """``<run_dir>/exports/step_N``: the student's export at step N."""
+    return run_dir / "exports" / f"step_{step:08d}"
 
 
 def export_checkpoint(

@@ -152,7 +152,9 @@ def copy_generation_config(base: str, path: str) -> None:
     if not os.path.isfile(out):
         return
     src = cached_file(
-        resolve_model_path(base), "generation_config.json", _raise_exceptions_for_missing_entries=False
+        resolve_model_path(base),
+        "generation_config.json",
+        _raise_exceptions_for_missing_entries=False,
     )
     if src is not None:
         shutil.copyfile(src, out)
