@@ -60,7 +60,8 @@ def test_shared_lora_base_exports_g_merged_or_as_adapter_and_d(
 ):
     run = tmp_path / "run"
     lora = ("student", "discriminator")
-    cfg = run_cfg(tiny_model_dir, run, lora, generator_ranks=2, shared_base=True)
+    ranks = {"generator_ranks": 2, "discriminator_ranks": 2}
+    cfg = run_cfg(tiny_model_dir, run, lora, shared_base=True, **ranks)
     batch, teacher, student = batches()
     group = SharedGroup(cfg)
     role_dir = st.checkpoint_dir(run, 1) / "generator"
