@@ -106,7 +106,8 @@ def locate(path: str | Path, role: str | None = None, config: str | None = None)
         p = done[-1]
     if _is_role_dir(p):
         role = role or (p.name if p.name in ROLES else "generator")
-        if p.name != role and not (role == DISCRIMINATOR and _is_role_dir(p / D_STATE)):
+        shared_d = role == DISCRIMINATOR and _is_role_dir(p / D_STATE)
+        if p.name in ROLES and p.name != role and not shared_d:
             raise ExportError(
                 f"{str(p)!r} is the {p.name!r} role's checkpoint, not the {role!r} role's: "
                 "pass the step directory above it"

@@ -1,6 +1,6 @@
 """``export_checkpoint`` on learner checkpoints of the other layouts (real Ray + gloo learner
 groups, the driver's run-dir layout): G and D on one shared LoRA base over 2 FSDP2 ranks, and
-DeepSpeed ZeRO-2 over 2 ranks (G fully trained, D with LoRA). Each export computes what the
+DeepSpeed ZeRO-2 (G fully trained over 2 ranks, D with LoRA on 1). Each export computes what the
 learner computed at that step, or equals the learner's own export."""
 
 from pathlib import Path
@@ -26,7 +26,8 @@ PAIRS = torch.tensor([0, 0, 1, 1])  # student row j pairs with teacher row PAIRS
 def run_cfg(model_dir: Path, run: Path, lora: tuple[str, ...], **learner) -> Config:
     """A learner config with LoRA (rank 4) on the ``lora`` models, written to ``run`` as the
     driver writes a run's config."""
-    raw = make_cfg(model_dir, **learner).model_dump()
+    raw = make_cfg(model_dir).model_dump()
+    raw["learner"] |= learner
     for who in lora:
         raw["model"][who]["lora"] = {"rank": 4, "alpha": 8.0}
     raw["algorithm"]["discriminator_optim"] |= {"lr": 1e-3, "eps": 1e-6}
@@ -90,7 +91,7 @@ def test_deepspeed_zero2_exports_g_masters_and_d_as_its_learner_does(
 ):
     run = tmp_path / "run"
     learner = {"backend": "deepspeed", "zero_stage": 2, "generator_ranks": 2}
-    cfg = run_cfg(tiny_model_dir, run, ("discriminator",), discriminator_ranks=2, **learner)
+    cfg = run_cfg(tiny_model_dir, run, ("discriminator",), **learner)
     batch, teacher, student = batches()
     step = st.checkpoint_dir(run, 1)
     g = GeneratorGroup(cfg)

@@ -4,6 +4,7 @@ a checkpoint's export is the learner's own export at that step (``trainer.export
 generation config. FSDP2 (G on 2 ranks, D on 1), and DeepSpeed ZeRO-3 with LoRA."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,8 @@ def test_mid_run_checkpoint_exports_as_the_learner_at_that_step(fsdp_run, base_d
     run = fsdp_run
     gad_export([str(ckpt(run, 2).parent), str(tmp_path / "s2")])  # a step dir: G by default
     got, masters = exported_weights(tmp_path / "s2"), model_weights(ckpt(run, 2))
+    tied = masters.pop("lm_head.weight")  # the embedding's: the tied export stores it once
+    assert torch.equal(tied, masters["model.embed_tokens.weight"])
     assert_equal_weights(got, exported_weights(live(run, 2)))
     assert_equal_weights(got, {k: v.to(torch.float32) for k, v in masters.items()})
     assert greedy(tmp_path / "s2", base_dir) == greedy(live(run, 2), base_dir)
@@ -72,6 +75,12 @@ def test_mid_run_checkpoint_exports_as_the_learner_at_that_step(fsdp_run, base_d
     }
     start = exported_weights(base_dir)
     assert max_diff(got, start) > 1e-3  # the steps trained it
+    # a role's directory copied out of its run, with the run's config named
+    shutil.copytree(ckpt(run, 2), tmp_path / "copied")
+    gad_export(
+        [str(tmp_path / "copied"), str(tmp_path / "c"), "--config", str(run / "config.yaml")]
+    )
+    assert_equal_weights(exported_weights(tmp_path / "c"), got)
 
 
 def test_run_dir_exports_its_newest_checkpoint_as_final(fsdp_run, base_dir, tmp_path, capsys):
