@@ -432,6 +432,8 @@ class TrainerConfig(_Strict):
     resume: str = "auto"  # auto | never | a checkpoint directory
     save_every: int = Field(50, ge=1)
     keep_last: int = Field(2, ge=1)
+    # also write the student as an HF folder (<run_dir>/exports/step_N, as final/) every k steps
+    export_every: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
     eval_every: int | None = Field(None, ge=1)  # also evaluate every k steps (data.eval_path)
     tensorboard: bool = True
@@ -477,7 +479,8 @@ class EvalSetSpec(_Strict):
 
 
 class EvalModelSpec(_Strict):
-    """A model to evaluate: a checkpoint directory, hub name or ``tiny:`` spec."""
+    """A model to evaluate: an HF directory, hub name or ``tiny:`` spec, or a training
+    checkpoint or run dir (exported first: :mod:`gad_ray.export`)."""
 
     path: str
     name: str | None = None  # default: the directory name

@@ -34,6 +34,7 @@ from gad_ray.driver.roles import Roles, preflight
 from gad_ray.driver.samples import eval_samples
 from gad_ray.driver.setup import TeacherData, init_ray, load_eval_set
 from gad_ray.driver.stages import Sampling, Stage, StepInput, prefix
+from gad_ray.export.convert import export_dir
 from gad_ray.learner.group import LearnerError
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
 from gad_ray.plan import check_fits
@@ -166,6 +167,9 @@ class Driver:
                 or step == end < self.total_steps
             ):
                 self.save(step)
+            export = self.cfg.trainer.export_every  # the student as an HF folder, as final/
+            if export and step % export == 0 and self.roles.alive("generator"):
+                self.roles["generator"].save_pretrained(str(export_dir(self.run_dir, step)))
         if step < self.total_steps:
             why = self.stop_reason or (
                 "Interrupted" if self.stop_requested else f"Stopped at step {step}"

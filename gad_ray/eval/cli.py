@@ -4,6 +4,11 @@
         'eval.sets=[{preset: dolly, path: data/dolly.jsonl}]' \\
         eval.judge.base_url=https://api.openai.com/v1 eval.judge.model=gpt-4o
 
+A model is an HF directory, a hub name, a ``tiny:`` spec, or a training checkpoint: a run dir
+(its newest complete checkpoint), a step checkpoint or a role's directory in one, exported
+first (merged, as ``gad-export`` does) to ``<eval.output_dir>/models/<name>`` and reused
+while the checkpoint is the same.
+
 Everything that can be checked is checked before an engine starts: the sets are read and
 validated (a bad row names its file and row), model paths resolved, the judge configured.
 """
@@ -11,18 +16,21 @@ validated (a bad row names its file and row), model paths resolved, the judge co
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
 
 from gad_ray.config import Config
 from gad_ray.config.hydra_app import hydra_entry
+from gad_ray.config.schema import EvalModelSpec
 from gad_ray.data.dataset import DataError
 from gad_ray.eval.generate import Response, check_model, generate_api, generate_model, model_name
 from gad_ray.eval.judge import JudgeError, Verdict, judge_api, judge_prompt, template_of, verdict
 from gad_ray.eval.metrics import ngram_f1, rouge_l, words
 from gad_ray.eval.report import markdown, write_report
 from gad_ray.eval.sets import EvalSet, load_set
+from gad_ray.export.convert import SOURCE_FILE, export_checkpoint, is_checkpoint, locate
 from gad_ray.models.loading import ModelLoadError
 from gad_ray.teacher.cache import ResponseCache
 from gad_ray.teacher.fetcher import Fetcher, TeacherError, read_api_key
@@ -56,8 +64,30 @@ def prepare(cfg: Config) -> list[EvalSet]:
     if len(set(set_names)) != len(set_names):
         raise EvalError(f"eval set names {set_names} repeat; give each eval.sets entry a name")
     for m in ev.models:
-        check_model(m)
+        if is_checkpoint(m.path):
+            locate(m.path)  # ExportError naming the path and what is wrong
+        else:
+            check_model(m)
     return sets
+
+
+def exported_models(cfg: Config, out: Path) -> list[EvalModelSpec]:
+    """``eval.models`` with each checkpoint replaced by its HF export (merged) under
+    ``out/models/<name>``; an export already there from the same checkpoint is reused."""
+    models = []
+    for m in cfg.eval.models:
+        if not is_checkpoint(m.path):
+            models.append(m)
+            continue
+        name = model_name(m)
+        folder = out / "models" / name
+        source = folder / SOURCE_FILE
+        role_dir = str(locate(m.path).role_dir)
+        if not (source.is_file() and json.loads(source.read_text())["checkpoint"] == role_dir):
+            print(f"exporting {role_dir} to {folder}")
+            export_checkpoint(role_dir, folder, lora_export="merged", overwrite=True)
+        models.append(EvalModelSpec(path=str(folder), name=name))
+    return models
 
 
 async def _judge_all(
@@ -142,9 +172,9 @@ def _records(
 def run_eval(cfg: Config) -> list[dict]:
     """Generate, judge and write the report; return the summary rows (see :mod:`report`)."""
     sets = prepare(cfg)
-    ev = cfg.eval
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    ev = cfg.eval.model_copy(update={"models": exported_models(cfg, out)})
     cache = ResponseCache(ev.cache_path or out / "api_cache.sqlite")
     try:
         rows: dict[str, list] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import cached_file
+
+from gad_ray.models.loading import resolve_model_path
 
 
 def _state(
@@ -117,9 +121,11 @@ def export_hf(
     config: PretrainedConfig,
     tokenizer: PreTrainedTokenizerBase,
     model_cls: type = AutoModelForCausalLM,
+    base: str | None = None,
 ) -> None:
     """``save_pretrained`` a model of ``config`` holding ``state_dict`` (no second full copy:
-    the tensors are assigned, not copied) plus the tokenizer. Call on one rank."""
+    the tensors are assigned, not copied) plus the tokenizer; the generation config is the
+    ``base`` model's (:func:`copy_generation_config`). Call on one rank."""
     with torch.device("meta"):
         model = model_cls.from_config(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
@@ -133,3 +139,22 @@ def export_hf(
     model.tie_weights()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    if base is not None:
+        copy_generation_config(base, path)
+
+
+def copy_generation_config(base: str, path: str) -> None:
+    """Put the ``base`` model's own ``generation_config.json`` (its sampling defaults and EOS
+    ids; a local directory or the HF cache) in place of the one ``save_pretrained`` derived
+    from the model config. Nothing when ``path`` has none (not a generative model) or the
+    base has none."""
+    out = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(out):
+        return
+    src = cached_file(
+        resolve_model_path(base),
+        "generation_config.json",
+        _raise_exceptions_for_missing_entries=False,
+    )
+    if src is not None:
+        shutil.copyfile(src, out)

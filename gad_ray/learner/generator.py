@@ -303,7 +303,7 @@ class GeneratorWorker(LearnerWorker):
             if self.cfg.data.chat_template:  # the template the prompts were trained with
                 tok.chat_template = self.cfg.data.chat_template
             if keep is None:
-                checkpoint.export_hf(path, state, self.hf_config, tok)
+                checkpoint.export_hf(path, state, self.hf_config, tok, base=self.model_path)
             else:
                 export_lora(path, state, GENERATOR, spec.lora, adapter, self.engine.dtype, tok)
         dist.barrier()

@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from gad_ray.config.schema import LoraSpec
+from gad_ray.models.loading import resolve_model_path
 
 GENERATOR, REFERENCE, DISCRIMINATOR = "generator", "reference", "discriminator"
 BASE_POINTER = "lora_base.json"  # in a LoRA checkpoint / adapter export: which base it needs
@@ -327,8 +328,9 @@ def export_lora(
         base = {prefix + k: v for k, v in base.items()}
         merged = merge(base, lora, spec, prefix) | other
         merged = {k: v.to(dtype) for k, v in merged.items()}
-        hf_config = hf_config or AutoConfig.from_pretrained(config["base_model_name_or_path"])
-        export_hf(path, merged, hf_config, tokenizer, model_cls)
+        base_path = config["base_model_name_or_path"]
+        hf_config = hf_config or AutoConfig.from_pretrained(resolve_model_path(base_path))
+        export_hf(path, merged, hf_config, tokenizer, model_cls, base=base_path)
         return
     save_adapter(path, {k: v.to(dtype) for k, v in lora.items()}, config)
     if other:
