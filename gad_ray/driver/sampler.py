@@ -95,8 +95,9 @@ class Sampler:
         step off, when the next step samples alike (``following == s``), its generation
         starts now and runs while this step trains. Returns the rollout's times (generate,
         sleep) and peak memory."""
-        pending = self.pending if self.pending and self.pending.step == x.step else None
-        pending = pending or self.launch(s, x.examples, x.step)
+        pending = self.pending
+        if pending is None or pending.step != x.step:
+            pending = self.launch(s, x.examples, x.step)
         self.pending, times = None, {}
         with self.timer("wait_rollout"):
             try:
