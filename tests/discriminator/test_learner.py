@@ -14,6 +14,7 @@ from gad_ray.algorithms import bt_loss
 from gad_ray.config.schema import OptimConfig
 from gad_ray.discriminator import DiscriminatorGroup, DiscriminatorModel
 from gad_ray.models.loading import ModelLoadError, load_tokenizer
+from tests.driver.helpers import max_rel_diff
 from tests.learner.conftest import make_cfg, make_token_batch
 
 PAIRS = torch.tensor([0, 0, 1, 1, 2, 2])  # 3 teacher rows, 2 student samples each
@@ -158,7 +159,11 @@ def test_bt_step_reusing_the_student_scores_forwards_only_the_teacher_rows(
     agree within fp32 rounding, and the reusing step's first pass forwards only the teacher
     rows (counted in the ranks). Scores from before an update, or of another batch, are
     refused."""
-    group = DiscriminatorGroup(disc_cfg(tiny_model_dir, init_dir))
+    cfg = disc_cfg(tiny_model_dir, init_dir)
+    # Adam eps 1e-6 (as in tests/learner/conftest.py): a gradient entry that is ~0 but for float
+    # noise would otherwise take a full lr-sized first step whose sign is that noise's
+    cfg.algorithm.discriminator_optim.eps = 1e-6
+    group = DiscriminatorGroup(cfg)
     try:
         teacher, student = batches(40)
         group.save_checkpoint(str(tmp_path / "ckpt"))
@@ -183,9 +188,9 @@ def test_bt_step_reusing_the_student_scores_forwards_only_the_teacher_rows(
         assert rows == {"reused": len(teacher), "plain": len(teacher) + len(student)}
         keys = ("d_loss", "d_acc", "teacher_score_mean", "student_score_mean", "grad_norm")
         assert_close(reused, {k: plain[k] for k in keys}, tol=1e-6)
-        assert reused_weights.keys() == plain_weights.keys()
-        for k, w in plain_weights.items():
-            torch.testing.assert_close(reused_weights[k], w, rtol=1e-5, atol=1e-6, msg=k)
+        # fp32 rounding of a differently batched forward, through Adam's first (sign-like)
+        # step at lr 1e-2: each tensor within 1e-5 of its own scale
+        assert max_rel_diff(reused_weights, plain_weights) < 1e-5
 
         other = group.score(make_token_batch(seed=41, n=6))  # scores of another batch
         with pytest.raises(ValueError, match="for this student batch"):
