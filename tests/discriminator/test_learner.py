@@ -167,6 +167,7 @@ def test_bt_step_reusing_the_student_scores_forwards_only_the_teacher_rows(
     try:
         teacher, student = batches(40)
         group.save_checkpoint(str(tmp_path / "ckpt"))
+        initial = group.full_params()
         _no_grad_rows(group)  # install the counters
         rows = {}
         scores = group.score(student)
@@ -188,9 +189,10 @@ def test_bt_step_reusing_the_student_scores_forwards_only_the_teacher_rows(
         assert rows == {"reused": len(teacher), "plain": len(teacher) + len(student)}
         keys = ("d_loss", "d_acc", "teacher_score_mean", "student_score_mean", "grad_norm")
         assert_close(reused, {k: plain[k] for k in keys}, tol=1e-6)
-        # fp32 rounding of a differently batched forward, through Adam's first (sign-like)
-        # step at lr 1e-2: each tensor within 1e-5 of its own scale
-        assert max_rel_diff(reused_weights, plain_weights) < 1e-5
+        # the two updates agree up to the fp32 rounding of a differently batched forward,
+        # through Adam's first (sign-like) step: per tensor within 0.1% of the update's size
+        step = {k: reused_weights[k] - w for k, w in initial.items()}
+        assert max_rel_diff(step, {k: plain_weights[k] - w for k, w in initial.items()}) < 1e-3
 
         other = group.score(make_token_batch(seed=41, n=6))  # scores of another batch
         with pytest.raises(ValueError, match="for this student batch"):
