@@ -166,7 +166,7 @@ def learner_steps(args: argparse.Namespace, model: str, deadline: float) -> list
                 "GRPO",  # the policy's forward+backward and the frozen reference's forward
                 "G",
                 gen,
-                lambda: gen.train_grpo(student, adv),
+                lambda: gen.train_grpo(student, adv, temperature=cfg.algorithm.grpo.temperature),
                 n_tok * (flops["train"] + flops["forward"]),
                 ids(student),
             ),

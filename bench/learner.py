@@ -79,7 +79,9 @@ def _bench_groups(cfg: object, cpus: int, steps: int, rows: int, lens: tuple[int
     gen = GeneratorGroup(cfg, cpus_per_rank=cpus)
     try:
         out["sft"] = _median_tps(lambda: gen.train_sft(batch), steps)
-        out["grpo"] = _median_tps(lambda: gen.train_grpo(batch, adv), steps)
+        out["grpo"] = _median_tps(
+            lambda: gen.train_grpo(batch, adv, temperature=cfg.algorithm.grpo.temperature), steps
+        )
     finally:
         gen.shutdown()
     disc = DiscriminatorGroup(cfg, cpus_per_rank=cpus)

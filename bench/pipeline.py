@@ -170,6 +170,7 @@ def generator_path(overrides: list[str], repeats: int = 5) -> dict[str, float]:
     from gad_ray.learner.generator import GeneratorGroup
     from gad_ray.models.loading import resolve_model_path
     from gad_ray.rollout.group import RolloutGroup
+    from gad_ray.rollout.types import SamplingParams
 
     base = ["experiment=tiny_cpu", "algorithm.grpo.n_samples=4", "trainer.run_dir=/tmp/gp"]
     cfg = compose([*base, *overrides])
@@ -183,12 +184,12 @@ def generator_path(overrides: list[str], repeats: int = 5) -> dict[str, float]:
     ours: dict[str, list[float]] = {"generate": [], "g_update": [], "weight_sync": []}
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        samples = rollout.generate(prompts, n, t, 1.0, 16, seed=0)
+        samples = rollout.generate(prompts, SamplingParams(n, t, 1.0, 16), seed=0)
         t1 = time.perf_counter()
         batch = make_batch(
             [prompts[s.prompt_index] for s in samples], [s.token_ids for s in samples], 0
         )
-        gen.train_grpo(batch, torch.randn(len(samples)))
+        gen.train_grpo(batch, torch.randn(len(samples)), temperature=t)
         t2 = time.perf_counter()
         gen.sync_weights(rollout.workers)
         t3 = time.perf_counter()

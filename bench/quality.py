@@ -52,7 +52,7 @@ from gad_ray.driver.metrics import read_metrics
 from gad_ray.driver.setup import cpus_per_actor
 from gad_ray.eval.metrics import ngram_f1
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
-from gad_ray.rollout import RolloutGroup, send_weights
+from gad_ray.rollout import RolloutGroup, SamplingParams, send_weights
 from gad_ray.synthetic.tasks import TASKS, check, prompt_text, score_responses, teacher_answer
 
 METHODS = ("undistilled", "seqkd", "gad", "gad_frozen_d")
@@ -170,14 +170,16 @@ def score_model(
     out = {}
     for split, examples in sets.items():
         greedy = group.generate(
-            [e.prompt_ids for e in examples], 1, 0.0, 1.0, SCORE_MAX_TOKENS, seed=cfg.seed
+            [e.prompt_ids for e in examples], SamplingParams.greedy(SCORE_MAX_TOKENS), seed=cfg.seed
         )
         multi = [e for e in examples if e.meta.get("task") in MULTIMODAL]
         sampled: dict[str, list[str]] = {}
         if multi:
             k = p["samples"]
             samples = group.generate(
-                [e.prompt_ids for e in multi], k, 1.0, 1.0, SCORE_MAX_TOKENS, seed=cfg.seed
+                [e.prompt_ids for e in multi],
+                SamplingParams(k, 1.0, 1.0, SCORE_MAX_TOKENS),
+                seed=cfg.seed,
             )
             for i, e in enumerate(multi):
                 texts = [decode(tokenizer, s.token_ids) for s in samples[i * k : (i + 1) * k]]

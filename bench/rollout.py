@@ -24,7 +24,7 @@ from gad_ray.models.loading import (
     load_causal_lm,
     resolve_model_path,
 )
-from gad_ray.rollout import RolloutGroup, send_weights
+from gad_ray.rollout import RolloutGroup, SamplingParams, send_weights
 
 KV_BYTES = 256 * 2**20
 
@@ -155,7 +155,9 @@ def main() -> None:
         group = RolloutGroup(cfg, path, num_cpus_per_worker=cpus)
 
         def run(group=group, count=None):
-            return group.generate(prompts[:count], args.n, 1.0, 1.0, args.max_tokens, seed=0)
+            return group.generate(
+                prompts[:count], SamplingParams(args.n, 1.0, 1.0, args.max_tokens), seed=0
+            )
 
         run(count=2 * workers)  # warm-up
         run_direct(2)

@@ -562,7 +562,7 @@ def _combination_problems(cfg: Config):
         return
     yield from recipes.check(cfg)
     roles = {r for rs in recipe.role_sets() for r in rs}
-    n = max((s.sampling.n for s in recipe.stages if s.sampling), default=0)
+    n = max((s.sampling.params.n for s in recipe.stages if s.sampling), default=0)
     if lrn.max_tokens_per_micro_batch is None:
         batches = {
             "data.prompts_per_step": (data.prompts_per_step, lrn.generator_ranks, "generator")

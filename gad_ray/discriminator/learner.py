@@ -148,6 +148,7 @@ class DiscriminatorGroup(LearnerGroup):
         model_max_context(path)  # fails fast on the host with ModelLoadError naming the path
         check_discriminator_tokenizer(cfg)
         self.ends = ResponseEnds.of(cfg)
+        self.updates, self.scored = 0, None  # BT steps taken; the last score() and when
         student = cfg.model.student
         super().__init__(
             DiscriminatorWorker,
@@ -164,15 +165,26 @@ class DiscriminatorGroup(LearnerGroup):
     def score(self, batch: TokenBatch) -> torch.Tensor:
         """``D(x, y)`` [B]: the head's output at each row's last response token."""
         _check_batch(batch, "batch", "DiscriminatorGroup.score")
-        return self.gather_rows("surrogate_values", self.ends.normalise(batch))[:, 0]
+        scores = self.gather_rows("surrogate_values", self.ends.normalise(batch))[:, 0]
+        self.scored = (batch, scores, self.updates)
+        return scores
 
     def train_bt(
-        self, teacher: TokenBatch, student: TokenBatch, pair_teacher_index: torch.Tensor
+        self,
+        teacher: TokenBatch,
+        student: TokenBatch,
+        pair_teacher_index: torch.Tensor,
+        student_scores: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One optimizer step of the BT loss over the pairs (teacher row
         ``pair_teacher_index[j]``, student row j); returns ``d_loss``, ``d_acc``,
         ``teacher_score_mean``, ``student_score_mean`` (before the update), ``grad_norm``, ``lr``,
-        ``tokens_per_s``."""
+        ``tokens_per_s``.
+
+        ``student_scores``: what :meth:`score` returned for ``student`` since D's last update
+        (the same weights, so exactly the no-grad pass's values of those rows): the no-grad
+        pass then forwards the teacher rows only (docs/algorithms.md §2.8). Scores of another
+        batch, or from before an update, raise ValueError."""
         method = "DiscriminatorGroup.train_bt"
         _check_batch(teacher, "teacher", method)
         _check_batch(student, "student", method)
@@ -187,11 +199,27 @@ class DiscriminatorGroup(LearnerGroup):
                 f"{method}: pair_teacher_index values must lie in [0, {len(teacher)}), got "
                 f"min {int(idx.min())} max {int(idx.max())}"
             )
-        n = len(teacher)
+        n, ends = len(teacher), self.ends.normalise
+        batch = concat_batches(ends(teacher), ends(student))
+        values = None
+        if student_scores is not None:
+            scored_batch, scores, at = self.scored or (None, None, None)
+            if not (scores is student_scores and scored_batch is student and at == self.updates):
+                raise ValueError(
+                    f"{method}: student_scores must be what score() returned for this student "
+                    f"batch since D's last update (D has taken {self.updates} updates)"
+                )
+            teacher_values = self.gather_rows("surrogate_values", ends(teacher))
+            values = torch.cat([teacher_values, student_scores[:, None].to(teacher_values)])
 
         def loss(values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             scores = values[:, 0]
             return bt_loss(scores[:n][idx], scores[n:], "mean")
 
-        ends = self.ends.normalise
-        return self.surrogate_step(concat_batches(ends(teacher), ends(student)), loss)
+        metrics = self.surrogate_step(batch, loss, values)
+        self.updates += 1
+        return metrics
+
+    def load_checkpoint(self, path: str) -> None:
+        super().load_checkpoint(path)
+        self.updates += 1  # new weights: earlier scores are stale

@@ -1,12 +1,13 @@
 """The single controller: runs an algorithm's stages (``gad_ray/recipes/``) over role groups.
 
-The driver holds no model. It owns what every algorithm shares: the stage loop, sampling (in
-step with the learners, or one step ahead), weight sync to the rollout workers, D || G updates,
-checkpoints and resume, periodic eval, Ctrl-C, failure messages and per-phase timing. Each step:
+The driver holds no model. It owns what every algorithm shares: the stage loop, D || G updates,
+checkpoints and resume, periodic eval, Ctrl-C, failure messages and per-phase timing; its
+:class:`~gad_ray.driver.sampler.Sampler` owns the samples (seeds, weight versions and sync, the
+one-step-off pipeline). Each step:
 
     x = the step's prompts + teacher responses
-    if the stage samples:  sync the policy's new weights; y_s ~ rollout   (or: take the samples
-                           generated during the last step, and start the next step's now)
+    if the stage samples:  y_s ~ rollout, holding the policy's new weights   (sampler.sample;
+                           one step off: drawn during the last step, the next one's started)
     metrics = stage.step(driver, x)       role calls + pure functions, a few lines per algorithm
 """
 
@@ -15,39 +16,30 @@ from __future__ import annotations
 import shutil
 import signal
 import time
-from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 
 from gad_ray import recipes
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, make_batch
-from gad_ray.data.tokenize import TokenizedExample
 from gad_ray.driver import state as st
 from gad_ray.driver.guards import Guards
 from gad_ray.driver.metrics import MetricsLogger, plot_metrics
 from gad_ray.driver.roles import Roles, preflight
+from gad_ray.driver.sampler import RESTARTABLE, Sampler
 from gad_ray.driver.samples import eval_samples
 from gad_ray.driver.setup import TeacherData, init_ray, load_eval_set
-from gad_ray.driver.stages import Sampling, Stage, StepInput, prefix
+from gad_ray.driver.stages import Stage, StepInput, prefix
 from gad_ray.export.convert import export_dir
-from gad_ray.learner.group import LearnerError
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
 from gad_ray.plan import check_fits
-from gad_ray.rollout.group import RolloutWorkersLost
-from gad_ray.rollout.types import Sample
-from gad_ray.rollout.weight_sync import WeightSyncError
 from gad_ray.teacher.fetcher import TeacherError
 
 # metric prefix and timer phase of each learner role's update
 PREFIXES = {"generator": "g", "discriminator": "d", "proxy": "proxy"}
-PENDING_FILE = "pending_samples.pt"
-# failures a rebuild of the roles can cure: a dead or failed actor, a broken weight sync
-RESTARTABLE = (ray.exceptions.RayError, LearnerError, WeightSyncError, RolloutWorkersLost)
 
 
 class TrainingAborted(RuntimeError):
@@ -75,11 +67,7 @@ class Driver:
         self.starts = [sum(s.steps for s in self.stages[:i]) for i in range(len(self.stages))]
         self.total_steps = sum(s.steps for s in self.stages)
         self.state: dict[str, Any] = {}  # a recipe's own state, saved with each checkpoint
-        self.versions: dict[
-            str, int
-        ] = {}  # updates per learner role; rollout roles: what they serve
         self.times: dict[str, float] = {}
-        self.pending: tuple[int, Future, int] | None = None  # (step, samples future, version)
         self.stop_requested = False
         self.events: list[tuple[str, dict]] = []  # logged when the next run starts
         self.logger: MetricsLogger | None = None
@@ -93,9 +81,7 @@ class Driver:
         st.check_shared_run_dir(self.run_dir)  # several nodes: every one sees the run dir
         try:
             self.data.start()
-            self.roles = Roles(cfg, self.student_path, recipe.roles, self.role_sets)
-            self.current = self.stage_at(self.step)
-            self.ensure_roles(self.current)
+            self.build_roles()
         except BaseException:
             self.shutdown()
             raise
@@ -196,14 +182,26 @@ class Driver:
             f"rebuilding every role from {ckpt or 'the start'}"
         )
         self.roles.shutdown()
-        self.pending, self.versions, self.state = None, {}, {}
-        self.resume_ckpt = ckpt
+        self.state, self.resume_ckpt = {}, ckpt
         self.step = st.read_trainer_state(ckpt)["step"] if ckpt is not None else 0
         if ckpt is None:  # from the start: the first batch and the first RNG state
             self.data.load_state_dict(self.start_data)
             st.set_rng_state(self.start_rng)
         self.events.append(("restart", {"restart": n, "error": f"{type(err).__name__}: {err}"}))
+        self.build_roles()
+
+    def build_roles(self) -> None:
+        """The roles of the stage at ``self.step``, and a sampler over them (no samples in
+        flight, no weights pushed yet)."""
         self.roles = Roles(self.cfg, self.student_path, self.recipe.roles, self.role_sets)
+        self.sampler = Sampler(
+            self.cfg,
+            self.roles,
+            self.data.peek,
+            self.tokenizer.pad_token_id,
+            self.timer,
+            lambda name, values: self.logger.log_event(self.step, name, values),
+        )
         self.current = self.stage_at(self.step)
         self.ensure_roles(self.current)
 
@@ -242,7 +240,7 @@ class Driver:
         initial weights (version 0)."""
         for name in self.roles.ensure(stage.roles):
             if self.roles.is_rollout(name):
-                self.versions[name] = 0
+                self.sampler.built(name)
             elif self.cfg.learner.offload_idle:
                 self.roles[name].offload()  # on GPU only when its phase comes
 
@@ -253,8 +251,9 @@ class Driver:
             examples = self.data.batch_for_step(step)
         teacher = self.batch([e.prompt_ids for e in examples], [e.response_ids for e in examples])
         x = StepInput(step, step - self.starts[self.stages.index(stage)], examples, teacher)
-        if stage.sampling is not None:
-            self.sample(stage.sampling, x)
+        if stage.sampling is not None:  # one step off, the next step's too when it samples alike
+            nxt = self.stage_at(step + 1).sampling if step + 1 < self.total_steps else None
+            self.times |= self.sampler.sample(stage.sampling, x, nxt)
         metrics = stage.step(self, x)
         elapsed = time.perf_counter() - t0
         metrics |= {k if k.startswith("mem/") else f"time/{k}": v for k, v in self.times.items()}
@@ -283,7 +282,7 @@ class Driver:
         for role, (metrics, seconds) in results.items():
             phase = f"{PREFIXES[role]}_update"
             self.times[phase] = seconds
-            self.versions[role] = self.versions.get(role, 0) + 1
+            self.sampler.updated(role)
             out |= prefix(PREFIXES[role] + "_", metrics)
             self.note_memory(role, phase)
             if self.cfg.learner.offload_idle:  # colocated: wait on CPU while other roles run
@@ -298,128 +297,14 @@ class Driver:
             self.times[f"mem/{role}/{phase}_peak_gb"] = peak
 
     # ---------------------------------------------------------------------------------------
-    # sampling, weight sync, eval
-
-    def sample(self, s: Sampling, x: StepInput) -> None:
-        """Fill ``x`` with this step's samples: generated now (``trainer.pipeline=sync``), or
-        during the last step with the weights of the step before (``one_step_off``), in which
-        case the next step's generation starts now and runs while this step trains."""
-        if self.pending is not None and self.pending[0] == x.step:
-            _, future, version = self.pending
-        else:
-            future, version = self.launch(s, x.examples, x.step)
-        self.pending = None
-        with self.timer("wait_rollout"):
-            try:
-                samples, times = future.result()
-                self.times |= times
-            except RolloutWorkersLost as lost:
-                samples = self.regenerate(s, x, lost)
-        nxt = x.step + 1  # launched even past a stop_at: the checkpoint keeps it, as it must
-        if (
-            self.cfg.trainer.pipeline == "one_step_off"
-            and nxt < self.total_steps
-            and self.stage_at(nxt).sampling == s
-        ):
-            nxt_future, nxt_version = self.launch(s, self.data.peek(), nxt)
-            self.pending = (nxt, nxt_future, nxt_version)
-        x.samples = samples
-        x.staleness = self.versions.get(s.policy, 0) - version
-        x.pairs = torch.tensor([smp.prompt_index for smp in samples], dtype=torch.long)
-        prompts = [x.examples[smp.prompt_index].prompt_ids for smp in samples]
-        x.student = self.batch(prompts, [smp.token_ids for smp in samples])
-        x.rollout_logprobs = sample_logprobs(x.student, samples)
-        if x.staleness > 0:
-            x.old_logprobs = x.rollout_logprobs
-
-    def regenerate(self, s: Sampling, x: StepInput, lost: RolloutWorkersLost) -> list[Sample]:
-        """Replaced rollout workers get the policy's current weights and generate the lost
-        share of ``x``'s samples again (same seeds); the others' samples are kept."""
-        self.logger.log_event(x.step, "rollout_workers_replaced", {"workers": lost.workers})
-        self.versions[s.rollout] = -1  # the new workers hold the initial weights
-        self.wake_and_sync(s.rollout, s.policy)
-        try:
-            redo = self.roles[s.rollout].generate(
-                [x.examples[i].prompt_ids for i in lost.missing],
-                s.n,
-                s.temperature,
-                s.top_p,
-                self.cfg.data.max_response_length,
-                seed=self.cfg.seed * 100_003 + x.step,
-                indices=lost.missing,
-            )
-        except RolloutWorkersLost as again:
-            redo = again.samples + self.regenerate(s, x, again)
-        return sorted(lost.samples + redo, key=lambda smp: smp.prompt_index)
-
-    def launch(
-        self, s: Sampling, examples: list[TokenizedExample], step: int
-    ) -> tuple[Future, int]:
-        """Push the policy's new weights to the rollout workers (waking them first when they
-        sleep), then start generating ``examples``' samples on the rollout's own thread."""
-        rollout = self.roles[s.rollout]
-        self.wake_and_sync(s.rollout, s.policy)
-        sleep, log_memory = self.cfg.rollout.sleep_when_idle, self.cfg.trainer.log_memory
-
-        def job() -> tuple[list[Sample], dict[str, float]]:
-            """The samples and this rollout's times (generate, sleep) and peak memory."""
-            t0 = time.perf_counter()
-            out = rollout.generate(
-                [e.prompt_ids for e in examples],
-                s.n,
-                s.temperature,
-                s.top_p,
-                self.cfg.data.max_response_length,
-                seed=self.cfg.seed * 100_003 + step,
-            )
-            times = {"generate": time.perf_counter() - t0}
-            if log_memory:
-                peak = rollout.memory_stats(reset=True)["peak_gb"]
-                times[f"mem/{s.rollout}/generate_peak_gb"] = peak
-            if sleep:
-                t0 = time.perf_counter()
-                rollout.sleep()
-                self.roles.asleep.add(s.rollout)
-                times["sleep"] = time.perf_counter() - t0
-            return out, times
-
-        return rollout.submit(job), self.versions.get(s.policy, 0)
-
-    def wake_and_sync(self, rollout_role: str, policy: str) -> None:
-        """Colocated: wake vLLM's weights, push the policy's new weights, then its KV cache."""
-        rollout = self.roles[rollout_role]
-        asleep = rollout_role in self.roles.asleep
-        if asleep:
-            rollout.wake_up(["weights"])
-        if self.versions.get(rollout_role, -1) != self.versions.get(policy, 0):
-            with self.timer("weight_sync", role=policy):
-                try:
-                    self.roles[policy].sync_weights(rollout.workers)
-                except RESTARTABLE:  # a dead rollout worker: replace it and sync again
-                    if not (dead := rollout.replace_dead()):
-                        raise
-                    self.logger.log_event(self.step, "rollout_workers_replaced", {"workers": dead})
-                    self.roles[policy].sync_weights(rollout.workers)
-            self.versions[rollout_role] = self.versions.get(policy, 0)
-        if asleep:
-            rollout.wake_up(["kv_cache"])
-            self.roles.asleep.discard(rollout_role)
+    # eval, batches, timers
 
     def log_eval(self, logger: MetricsLogger, label: str, step: int) -> None:
         """Greedy eval of the student on ``data.eval_path`` (when its rollout role is alive),
         with a few of its samples (``trainer.log_samples``) and D's scores of them."""
         if self.eval_set is None or not self.roles.alive("rollout"):
             return
-        if self.pending is not None:
-            self.pending[1].result()  # the rollout finishes the next step's samples first
-        self.wake_and_sync("rollout", "generator")
-        rollout, max_tokens = self.roles["rollout"], self.cfg.data.max_response_length
-        try:
-            scores, samples = self.eval_set.evaluate(rollout, max_tokens)
-        except RolloutWorkersLost:  # replaced: give the new workers the weights, score again
-            self.versions["rollout"] = -1
-            self.wake_and_sync("rollout", "generator")
-            scores, samples = self.eval_set.evaluate(rollout, max_tokens)
+        scores, samples = self.sampler.serve("rollout", "generator", self.eval_set.evaluate)
         d = self.roles["discriminator"] if self.roles.alive("discriminator") else None
         k = self.cfg.trainer.log_samples
         rows = eval_samples(self.eval_set.examples, samples, self.tokenizer, k, d)
@@ -462,12 +347,7 @@ class Driver:
         (ckpt / st.STATE_FILE).unlink(missing_ok=True)  # incomplete until written again
         for name in self.current.checkpoint:
             self.roles[name].save_checkpoint(str(ckpt / name))
-        if self.pending is not None:  # the in-flight samples of the next step travel along
-            nxt, future, version = self.pending
-            samples, times = future.result()
-            stale = self.versions.get(self.current.sampling.policy, 0) - version
-            saved = {"step": nxt, "samples": samples, "times": times, "staleness": stale}
-            torch.save(saved, ckpt / PENDING_FILE)
+        self.sampler.save(ckpt)  # the next step's samples in flight travel along
         state = {
             "step": step,
             "data": self.data.state_dict(),
@@ -488,16 +368,7 @@ class Driver:
         self.data.load_state_dict(state["data"])
         st.set_rng_state(state["rng"])
         self.state = state.get("recipe", {})
-        # restored learners are at version 1, rollout roles (initial weights) unknown: they get
-        # the restored weights before they sample
-        self.versions = dict.fromkeys(self.current.checkpoint, 1)
-        pending = ckpt / PENDING_FILE
-        if pending.is_file():
-            saved = torch.load(pending, weights_only=False)
-            future: Future = Future()
-            future.set_result((saved["samples"], saved["times"]))
-            policy = self.current.sampling.policy
-            self.pending = (saved["step"], future, self.versions[policy] - saved["staleness"])
+        self.sampler.restore(ckpt, self.current.checkpoint, self.current.sampling)
         self.resume_ckpt = None
         print(f"Resumed from {ckpt} (step {self.step} of {self.total_steps}).")
 
@@ -548,16 +419,6 @@ def timed(fn: Any, *args: Any) -> tuple[Any, float]:
     """``fn(*args)`` and the seconds it took."""
     t0 = time.perf_counter()
     return fn(*args), time.perf_counter() - t0
-
-
-def sample_logprobs(batch: TokenBatch, samples: list[Sample]) -> torch.Tensor:
-    """The sampling policy's log-probs [B, T] of each sample's tokens, aligned with ``batch``
-    (row i: prompt, then sample i); 0 off the response."""
-    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-    for i, s in enumerate(samples):
-        p = int(batch.prompt_lens[i])
-        out[i, p : p + s.length] = torch.tensor(s.logprobs, dtype=torch.float32)
-    return out
 
 
 def train(cfg: Config) -> Path:

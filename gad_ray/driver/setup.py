@@ -18,6 +18,7 @@ from gad_ray.data.dataset import load_examples
 from gad_ray.data.loader import StepLoader
 from gad_ray.data.tokenize import TokenizedExample, encode_response, tokenize_examples
 from gad_ray.placement import is_rollout, role_size
+from gad_ray.rollout.types import SamplingParams
 from gad_ray.teacher.fetcher import TeacherError, occurrence_indices
 
 
@@ -207,18 +208,18 @@ class TeacherData:
 
 @dataclasses.dataclass
 class EvalSet:
-    """Held-out prompts scored by greedy generation (the synthetic checker when it applies)."""
+    """Held-out prompts scored by generation with the eval's own ``params`` (greedy), the
+    synthetic checker when it applies."""
 
     examples: list[TokenizedExample]
     tokenizer: Any
+    params: SamplingParams
 
-    def evaluate(self, rollout: Any, max_tokens: int) -> tuple[dict[str, float], list[Any]]:
+    def evaluate(self, rollout: Any) -> tuple[dict[str, float], list[Any]]:
         """The scores and the generated samples (one per prompt)."""
         from gad_ray.synthetic.tasks import score_responses
 
-        samples = rollout.generate(
-            [e.prompt_ids for e in self.examples], 1, 0.0, 1.0, max_tokens, seed=0
-        )
+        samples = rollout.generate([e.prompt_ids for e in self.examples], self.params, seed=0)
         texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
         lengths = [s.length for s in samples]
         out = {"eval_len_mean": sum(lengths) / len(lengths)}
@@ -235,4 +236,4 @@ def load_eval_set(cfg: Config, tokenizer: Any) -> EvalSet | None:
         return None
     examples, _ = load_examples(cfg.data, path=cfg.data.eval_path, require_response=False)
     tokenized, _ = tokenize_examples(examples, tokenizer, cfg.data)
-    return EvalSet(tokenized, tokenizer)
+    return EvalSet(tokenized, tokenizer, SamplingParams.greedy(cfg.data.max_response_length))

@@ -2,8 +2,8 @@
 
 An algorithm is a module of ``gad_ray/recipes/`` (see its ``__init__``) that returns a list of
 :class:`Stage`. The :class:`~gad_ray.driver.driver.Driver` runs the stages in order: it keeps the
-stage's roles alive, samples what the stage asks for (:class:`Sampling`, synchronously or one
-step ahead), calls the stage's step function with a :class:`StepInput`, and checkpoints the
+stage's roles alive, samples what the stage asks for (:class:`Sampling`, through its
+:class:`~gad_ray.driver.sampler.Sampler`: synchronously or one step ahead), calls the stage's step function with a :class:`StepInput`, and checkpoints the
 roles the stage names. Step functions are a few lines each: role calls and pure functions of
 :mod:`gad_ray.algorithms`.
 """
@@ -18,7 +18,7 @@ import torch
 
 from gad_ray.data.batch import TokenBatch
 from gad_ray.data.tokenize import TokenizedExample
-from gad_ray.rollout.types import Sample
+from gad_ray.rollout.types import Sample, SamplingParams
 
 if TYPE_CHECKING:
     from gad_ray.driver.driver import Driver
@@ -26,12 +26,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Before each step, ``n`` responses per prompt from the ``rollout`` role, which serves the
-    weights of the learner role ``policy`` (pushed to it whenever ``policy`` changed)."""
+    """Before each step, responses drawn with ``params`` from the ``rollout`` role, which
+    serves the weights of the learner role ``policy`` (pushed to it whenever ``policy``
+    changed)."""
 
-    n: int
-    temperature: float
-    top_p: float = 1.0
+    params: SamplingParams
     rollout: str = "rollout"
     policy: str = "generator"
 
@@ -48,6 +47,7 @@ class StepInput:
     student: TokenBatch | None = None
     pairs: torch.Tensor | None = None  # [len(student)]: the prompt (teacher) row of each sample
     samples: list[Sample] | None = None
+    sampling: SamplingParams | None = None  # what the samples were drawn with (n, T, ...)
     # the rollout's log-probs [B, T] of the samples' tokens (0 off the response): the measure of
     # the policy update's ``logprob_gap``
     rollout_logprobs: torch.Tensor | None = None

@@ -75,16 +75,16 @@ def generate_model(
 ) -> list[list[Response]]:
     """Greedy (or sampled) responses of one model to every item of every set, one engine."""
     from gad_ray.rollout.group import RolloutGroup
+    from gad_ray.rollout.types import SamplingParams
 
     path, tokenizer = check_model(spec)
     prompts, cut = prompt_ids(cfg, tokenizer, items_per_set)
     init_ray(cfg)
     group = RolloutGroup(cfg, path)
     try:
-        ev = cfg.eval
-        samples = group.generate(
-            prompts, 1, ev.temperature, ev.top_p, ev.max_new_tokens, seed=cfg.seed
-        )
+        ev = cfg.eval  # the eval's own sampling: greedy unless eval.temperature > 0
+        params = SamplingParams(1, ev.temperature, ev.top_p, ev.max_new_tokens)
+        samples = group.generate(prompts, params, seed=cfg.seed)
     finally:
         group.shutdown()
     flat = [

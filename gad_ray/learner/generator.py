@@ -6,7 +6,8 @@ from the same weights; ``reset_reference`` re-snapshots it from the current poli
 calls it after the warmup stage).
 
 GRPO's log-probs (new, old and reference alike) are those of ``softmax(logits / T)`` with T the
-sampling temperature, the distribution the samples were drawn from (docs/algorithms.md).
+sampling temperature the batch was drawn at (passed with it), the distribution the samples
+come from (docs/algorithms.md).
 """
 
 from __future__ import annotations
@@ -175,10 +176,10 @@ class GeneratorWorker(LearnerWorker):
         old_logprobs: torch.Tensor | None,
         den: float,
         num_tokens: float,
+        temp: float,
         rollout_logprobs: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        g = self.cfg.algorithm.grpo
-        temp = g.temperature  # the sampling distribution: softmax(logits / T)
+        g = self.cfg.algorithm.grpo  # temp: the sampling distribution is softmax(logits / T)
 
         def loss_fn(rows: list[int], mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
             mask, t = mb.response_mask, mb.input_ids.shape[1]
@@ -376,9 +377,12 @@ class GeneratorGroup(LearnerGroup):
         advantages: torch.Tensor,
         old_logprobs: torch.Tensor | None = None,
         rollout_logprobs: torch.Tensor | None = None,
+        *,
+        temperature: float,
     ) -> dict[str, float]:
         """One optimizer step of PPO-clip + ``kl_coef`` * KL(reference) - ``entropy_coef`` * H,
-        every log-prob at the sampling temperature ``algorithm.grpo.temperature``.
+        every log-prob at ``temperature``, the one the samples were drawn at (the stage's
+        sampling, ``StepInput.sampling``): ``softmax(logits / temperature)``.
 
         ``advantages`` are [B] (broadcast to response tokens) or [B, T]; ``old_logprobs`` [B, T]
         (of the sampling policy, at that temperature) default to the current policy's
@@ -395,13 +399,25 @@ class GeneratorGroup(LearnerGroup):
         for name, lp in (("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs)):
             if lp is not None:
                 _check_token_tensor(lp, batch, name, method)
+        if not temperature > 0:
+            raise ValueError(
+                f"{method}: temperature must be > 0 (the samples' sampling temperature; greedy "
+                f"samples have no policy gradient), got {temperature}"
+            )
         g = self.cfg.algorithm.grpo
         den = loss_denominator(
             batch.response_mask, g.loss_agg_mode, self.cfg.data.max_response_length
         )
         num_tokens = float(batch.response_mask.sum())
         return self.run_batch(
-            "train_grpo", batch, advantages.float(), old_logprobs, den, num_tokens, rollout_logprobs
+            "train_grpo",
+            batch,
+            advantages.float(),
+            old_logprobs,
+            den,
+            num_tokens,
+            temperature,
+            rollout_logprobs,
         )[0]
 
     def train_distill(

@@ -140,6 +140,7 @@ class LearnerGroup(AsyncCalls):
         self,
         batch: TokenBatch,
         loss_of_values: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+        values: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One exact optimizer step of a loss that is nonlinear in per-row values (BT over
         score pairs, DPO over log-prob pairs), for any split into ranks and micro-batches:
@@ -153,10 +154,13 @@ class LearnerGroup(AsyncCalls):
 
         Returns the loss's metrics (before the update), ``grad_norm``, ``lr``, ``tokens_per_s``,
         ``step_s`` and ``pad_ratio``. The price is the extra no-grad forward (~1/3 of a
-        forward+backward).
+        forward+backward). ``values`` [B, k]: pass 1's result when the caller already has it,
+        computed with the current weights (then only pass 2 runs here).
         """
         start = time.perf_counter()
-        values = self.gather_rows("surrogate_values", batch).double()
+        if values is None:
+            values = self.gather_rows("surrogate_values", batch)
+        values = values.double()
         v = values[:, 0].clone().requires_grad_(True)
         loss, metrics = loss_of_values(torch.cat([v[:, None], values[:, 1:]], dim=1))
         (coef,) = torch.autograd.grad(loss, v)

@@ -176,6 +176,7 @@ class SharedGroup(GeneratorGroup, DiscriminatorGroup):
         model_max_context(path)  # fails fast on the host with ModelLoadError naming the path
         check_discriminator_tokenizer(cfg)
         self.ends = ResponseEnds.of(cfg)  # D's input (DiscriminatorGroup.score, train_bt)
+        self.updates, self.scored = 0, None  # D's BT steps; its last score() and when
         student = cfg.model.student
         LearnerGroup.__init__(
             self,

@@ -34,6 +34,7 @@ from gad_ray.driver.stages import (
     sample_stats,
 )
 from gad_ray.recipes import Recipe
+from gad_ray.rollout.types import SamplingParams
 
 ROLES = ("rollout", "generator", "discriminator")
 LEARNERS = ("generator", "discriminator")
@@ -66,7 +67,9 @@ def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 def recipe(cfg: Config, steps_per_epoch: int, run_dir: Path, train_d_in_gad: bool = True) -> Recipe:
     alg, g = cfg.algorithm, cfg.algorithm.grpo
-    sampling = Sampling(g.n_samples, g.temperature, g.top_p)
+    sampling = Sampling(
+        SamplingParams(g.n_samples, g.temperature, g.top_p, cfg.data.max_response_length)
+    )
     warmup = warmup_steps(cfg, steps_per_epoch)
     total = warmup + alg.gad.steps
     gad = gad_step if train_d_in_gad else frozen_d_gad_step
@@ -126,13 +129,11 @@ def warmup_step(d: Any, x: StepInput) -> dict[str, Any]:
 
 def gad_step(d: Any, x: StepInput) -> dict[str, Any]:
     """Reward = D before its update; GRPO advantages; D's BT update || G's PPO update."""
-    _, adv, metrics = score_and_advantages(d, x)
+    rewards, adv, metrics = score_and_advantages(d, x)
     k = d.cfg.algorithm.gad.d_steps_per_g_step
-    updates = {"discriminator": lambda disc: d_steps(disc, x, k)}
+    updates = {"discriminator": lambda disc: d_steps(disc, x, k, rewards)}
     if x.index >= d.cfg.algorithm.gad.d_only_steps:
-        updates["generator"] = lambda gen: gen.train_grpo(
-            x.student, adv, x.old_logprobs, x.rollout_logprobs
-        )
+        updates["generator"] = lambda gen: grpo_step(gen, x, adv)
     return metrics | d.update(updates)
 
 
@@ -144,9 +145,7 @@ def frozen_d_gad_step(d: Any, x: StepInput) -> dict[str, Any]:
     metrics |= prefix("d_", bt_loss(teacher_scores[x.pairs], rewards)[1])
     updates = {}
     if x.index >= d.cfg.algorithm.gad.d_only_steps:
-        updates["generator"] = lambda gen: gen.train_grpo(
-            x.student, adv, x.old_logprobs, x.rollout_logprobs
-        )
+        updates["generator"] = lambda gen: grpo_step(gen, x, adv)
     return metrics | d.update(updates)
 
 
@@ -162,8 +161,21 @@ def score_and_advantages(d: Any, x: StepInput) -> tuple[Tensor, Tensor, dict[str
     )
 
 
-def d_steps(disc: Any, x: StepInput, k: int) -> dict[str, float]:
-    """``k`` BT steps on the same pairs; the last step's metrics."""
-    for _ in range(k):
-        metrics = disc.train_bt(x.teacher, x.student, x.pairs)
+def grpo_step(gen: Any, x: StepInput, advantages: Tensor) -> dict[str, float]:
+    """G's PPO update on the samples, its log-probs at the temperature they were drawn at."""
+    return gen.train_grpo(
+        x.student,
+        advantages,
+        x.old_logprobs,
+        x.rollout_logprobs,
+        temperature=x.sampling.temperature,
+    )
+
+
+def d_steps(disc: Any, x: StepInput, k: int, rewards: Tensor) -> dict[str, float]:
+    """``k`` BT steps on the same pairs; the last step's metrics. The first reuses ``rewards``
+    (D's scores of the student rows, before any of the k updates) as its no-grad pass over
+    them; the later ones score them again with the updated D."""
+    for i in range(k):
+        metrics = disc.train_bt(x.teacher, x.student, x.pairs, rewards if i == 0 else None)
     return metrics

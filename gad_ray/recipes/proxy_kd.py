@@ -25,6 +25,7 @@ from gad_ray.algorithms import proxy_sample_weights, seq_mean_logp
 from gad_ray.config.schema import Config, ConfigError
 from gad_ray.driver.stages import Sampling, Stage, StepInput, sample_stats
 from gad_ray.recipes import Recipe
+from gad_ray.rollout.types import SamplingParams
 
 
 def check(cfg: Config) -> Iterator[str]:
@@ -59,9 +60,8 @@ def recipe(cfg: Config, steps_per_epoch: int, run_dir: Path) -> Recipe:
     pk = cfg.algorithm.proxy_kd
     sft, per_iteration, student = slices(cfg, steps_per_epoch)
     export = run_dir / "proxy"
-    sampling = Sampling(
-        1, pk.dpo_temperature, pk.dpo_top_p, rollout="proxy_rollout", policy="proxy"
-    )
+    params = SamplingParams(1, pk.dpo_temperature, pk.dpo_top_p, cfg.data.max_response_length)
+    sampling = Sampling(params, rollout="proxy_rollout", policy="proxy")
     stages = [Stage("proxy_sft", sft, ("proxy",), ("proxy",), proxy_sft_step)]
     for it in range(1, pk.dpo_iterations + 1):
         stages.append(

@@ -2,7 +2,7 @@
 
 from .base import BACKENDS, RolloutBackend, backend_class
 from .group import RolloutGroup, RolloutWorkersLost
-from .types import Sample, check_request
+from .types import Sample, SamplingParams, check_request
 from .weight_sync import resolve_sync_method, send_weights
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "RolloutGroup",
     "RolloutWorkersLost",
     "Sample",
+    "SamplingParams",
     "backend_class",
     "check_request",
     "resolve_sync_method",

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gad_ray.rollout.types import Sample
+from gad_ray.rollout.types import Sample, SamplingParams
 
 # rollout.backend -> "module:Class" (imported when used: vLLM only where it is installed)
 BACKENDS = {
@@ -40,15 +40,12 @@ class RolloutBackend(ABC):
     def generate(
         self,
         prompt_ids: list[list[int]],
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_tokens: int,
+        params: SamplingParams,
         seed: int | None = None,
         prompt_indices: list[int] | None = None,
     ) -> list[Sample]:
-        """``n`` samples per prompt, prompt-major, seeded per sample (``sample_seed``), with
-        the log-probs of the distribution sampled from."""
+        """``params.n`` samples per prompt, prompt-major, seeded per sample (``sample_seed``),
+        with the log-probs of the distribution sampled from."""
 
     @abstractmethod
     def weight_group_size(self) -> int:

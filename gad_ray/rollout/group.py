@@ -8,7 +8,7 @@ from gad_ray.futures import AsyncCalls
 from gad_ray.models.loading import VLLM_CPU_ENV
 from gad_ray.placement import RolePlacement
 from gad_ray.rollout.base import backend_class
-from gad_ray.rollout.types import Sample
+from gad_ray.rollout.types import Sample, SamplingParams
 
 
 class RolloutWorkersLost(RuntimeError):
@@ -62,32 +62,24 @@ class RolloutGroup(AsyncCalls):
     def generate(
         self,
         prompt_ids: list[list[int]],
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_tokens: int,
+        params: SamplingParams,
         seed: int | None = None,
         indices: list[int] | None = None,
     ) -> list[Sample]:
-        """``n`` samples per prompt, prompt-major in prompt order. ``indices``: each prompt's
-        index in the step's batch (default its position), which fixes its seeds and
+        """``params.n`` samples per prompt, prompt-major in prompt order. ``indices``: each
+        prompt's index in the step's batch (default its position), which fixes its seeds and
         ``Sample.prompt_index``. A worker that dies is replaced and :class:`RolloutWorkersLost`
         raised after the other workers finish."""
         idx = list(range(len(prompt_ids))) if indices is None else list(indices)
-        parts = balanced_partition([len(p) + max_tokens for p in prompt_ids], len(self.workers))
-        refs = {
-            w.generate.remote(
-                [prompt_ids[j] for j in part],
-                n,
-                temperature,
-                top_p,
-                max_tokens,
-                seed,
-                [idx[j] for j in part],
-            ): (k, part)
-            for k, (w, part) in enumerate(zip(self.workers, parts, strict=True))
-            if part
-        }
+        costs = [len(p) + params.max_tokens for p in prompt_ids]
+        parts = balanced_partition(costs, len(self.workers))
+        refs = {}
+        for k, (w, part) in enumerate(zip(self.workers, parts, strict=True)):
+            if part:
+                ref = w.generate.remote(
+                    [prompt_ids[j] for j in part], params, seed, [idx[j] for j in part]
+                )
+                refs[ref] = (k, part)
         samples, dead, missing = [], [], []
         for ref, (k, part) in refs.items():
             try:

@@ -22,7 +22,13 @@ from gad_ray.config.schema import RolloutConfig
 from gad_ray.memory import memory_stats
 from gad_ray.models.loading import load_causal_lm
 from gad_ray.rollout.base import RolloutBackend
-from gad_ray.rollout.types import Sample, check_request, sample_seed, stop_token_ids
+from gad_ray.rollout.types import (
+    Sample,
+    SamplingParams,
+    check_request,
+    sample_seed,
+    stop_token_ids,
+)
 from gad_ray.rollout.vllm_worker import resolve_dtype
 from gad_ray.rollout.weight_sync import (
     IpcHandle,
@@ -72,30 +78,19 @@ class HFRolloutWorker(RolloutBackend):
     def generate(
         self,
         prompt_ids: list[list[int]],
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_tokens: int,
+        params: SamplingParams,
         seed: int | None = None,
         prompt_indices: list[int] | None = None,
     ) -> list[Sample]:
-        """``n`` samples per prompt, prompt-major; prompt ``i``'s batch of n is drawn from seed
-        ``sample_seed(seed, index)``; log-probs at ``temperature`` (raw when greedy)."""
-        check_request(
-            prompt_ids,
-            n,
-            temperature,
-            top_p,
-            max_tokens,
-            self.max_model_len,
-            self.vocab_size,
-            prompt_indices,
-        )
+        """``params.n`` samples per prompt, prompt-major; prompt ``i``'s batch of n is drawn
+        from seed ``sample_seed(seed, index)``; log-probs at the temperature (raw when greedy)."""
+        check_request(prompt_ids, self.max_model_len, self.vocab_size, prompt_indices)
+        n, temperature, top_p = params.n, params.temperature, params.top_p
         indices = list(range(len(prompt_ids))) if prompt_indices is None else prompt_indices
         samples = []
         for i, ids in zip(indices, prompt_ids, strict=True):
             torch.manual_seed(self.seed if seed is None else sample_seed(seed, i))
-            budget = min(max_tokens, self.max_model_len - len(ids))
+            budget = min(params.max_tokens, self.max_model_len - len(ids))
             # top_k=0: off (transformers' default is 50); nothing else is set
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
             out = self.model.generate(

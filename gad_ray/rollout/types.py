@@ -1,4 +1,4 @@
-"""What a rollout worker returns, and the request checks every backend shares."""
+"""What a rollout worker is asked for and returns, and the request checks every backend shares."""
 
 from dataclasses import dataclass
 from typing import Literal
@@ -6,6 +6,34 @@ from typing import Literal
 import numpy as np
 
 FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample: ``n`` responses per prompt from ``softmax(logits / temperature)``
+    (``temperature=0``: greedy, its one response repeated ``n`` times), within the top-p
+    nucleus, at most ``max_tokens`` tokens each. Nothing else shapes the distribution
+    (docs/placement.md, "Sampling"). Invalid values raise ValueError naming the field."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1 samples per prompt, got {self.n}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+    @classmethod
+    def greedy(cls, max_tokens: int) -> "SamplingParams":
+        """One greedy response per prompt."""
+        return cls(1, 0.0, 1.0, max_tokens)
 
 
 @dataclass
@@ -63,24 +91,12 @@ def stop_token_ids(model_path: str) -> list[int]:
 
 def check_request(
     prompt_ids: list[list[int]],
-    n: int,
-    temperature: float,
-    top_p: float,
-    max_tokens: int,
     max_model_len: int,
     vocab_size: int,
     prompt_indices: list[int] | None = None,
 ) -> None:
-    """Raise ValueError naming the prompt (by ``prompt_indices``, default its position) or the
-    argument that no backend can serve."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1 samples per prompt, got {n}")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    """Raise ValueError naming the prompt (by ``prompt_indices``, default its position) that no
+    backend can serve."""
     indices = range(len(prompt_ids)) if prompt_indices is None else prompt_indices
     if len(indices) != len(prompt_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(indices)} prompt indices")

@@ -19,7 +19,13 @@ from gad_ray.config.schema import RolloutConfig
 from gad_ray.memory import memory_stats
 from gad_ray.models.loading import VLLM_CPU_ENV, VLLM_CPU_LLM_KWARGS, model_max_context
 from gad_ray.rollout.base import RolloutBackend
-from gad_ray.rollout.types import Sample, check_request, sample_seed, stop_token_ids
+from gad_ray.rollout.types import (
+    Sample,
+    SamplingParams,
+    check_request,
+    sample_seed,
+    stop_token_ids,
+)
 from gad_ray.rollout.weight_sync import IpcHandle, Meta, open_bucket, unpack_bucket
 
 EXTENSION = "gad_ray.rollout.weight_sync.WeightSyncExtension"
@@ -140,52 +146,43 @@ class RolloutWorker(RolloutBackend):
     def generate(
         self,
         prompt_ids: list[list[int]],
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_tokens: int,
+        params: SamplingParams,
         seed: int | None = None,
         prompt_indices: list[int] | None = None,
     ) -> list[Sample]:
-        """``n`` samples per prompt, prompt-major. Sample j of prompt ``i`` is one request seeded
-        ``sample_seed(seed, prompt_indices[i], j)``, so results do not depend on how a batch is
-        split and no two samples share an RNG stream. ``temperature=0`` is greedy (its one
-        result repeated ``n`` times). Log-probs are vLLM's processed ones (after temperature,
-        and top-p when ``top_p < 1``). Nothing else shapes the distribution (no penalty, no
-        top-k); a response ends at :func:`stop_token_ids`."""
-        from vllm import SamplingParams
+        """``params.n`` samples per prompt, prompt-major. Sample j of prompt ``i`` is one request
+        seeded ``sample_seed(seed, prompt_indices[i], j)``, so results do not depend on how a
+        batch is split and no two samples share an RNG stream. ``temperature=0`` is greedy (its
+        one result repeated ``n`` times). Log-probs are vLLM's processed ones (after
+        temperature, and top-p when ``top_p < 1``). Nothing else shapes the distribution (no
+        penalty, no top-k); a response ends at :func:`stop_token_ids`."""
+        import vllm
         from vllm.inputs import TokensPrompt
 
-        check_request(
-            prompt_ids,
-            n,
-            temperature,
-            top_p,
-            max_tokens,
-            self.max_model_len,
-            self.vocab_size,
-            prompt_indices,
-        )
+        check_request(prompt_ids, self.max_model_len, self.vocab_size, prompt_indices)
         if self.sleeping:
             raise RuntimeError(f"rollout worker is asleep ({self.sleeping}); call wake_up first")
         indices = list(range(len(prompt_ids))) if prompt_indices is None else prompt_indices
-        requests = n if temperature > 0 else 1  # one request per sample; greedy: one, copied
-        prompts, params = [], []
+        n = params.n
+        requests = n if params.temperature > 0 else 1  # a request per sample; greedy: 1, copied
+        prompts, requested = [], []
         for i, ids in zip(indices, prompt_ids, strict=True):
             for j in range(requests):
                 prompts.append(TokensPrompt(prompt_token_ids=list(ids)))
-                params.append(
-                    SamplingParams(
+                requested.append(
+                    vllm.SamplingParams(
                         n=1,
-                        temperature=temperature,
-                        top_p=top_p,
-                        max_tokens=max_tokens,
+                        temperature=params.temperature,
+                        top_p=params.top_p,
+                        max_tokens=params.max_tokens,
                         stop_token_ids=self.stop_ids,
                         seed=None if seed is None else sample_seed(seed, i, j),
                         logprobs=0,
                     )
                 )
-        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
+        outputs = self.llm.generate(
+            prompts, requested, use_tqdm=False, lora_request=self.lora_request
+        )
         samples = []
         for k, out in enumerate(outputs):
             i = indices[k // requests]

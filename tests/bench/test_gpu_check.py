@@ -83,9 +83,10 @@ IMPORTS_AND_GENERATE = textwrap.dedent(
     from gad_ray.config.schema import RolloutConfig
     from gad_ray.models.loading import resolve_model_path
     from gad_ray.rollout.hf_worker import HFRolloutWorker
+    from gad_ray.rollout.types import SamplingParams
 
     worker = HFRolloutWorker(resolve_model_path("tiny:tiny"), RolloutConfig(backend="hf"))
-    samples = worker.generate([[5, 6, 7], [9, 10]], 2, 0.8, 1.0, 4, seed=0)
+    samples = worker.generate([[5, 6, 7], [9, 10]], SamplingParams(2, 0.8, 1.0, 4), seed=0)
     assert [s.prompt_index for s in samples] == [0, 0, 1, 1], samples
     assert all(s.length == len(s.logprobs) > 0 for s in samples), samples
     loaded = sorted({m.split(".")[0] for m in sys.modules} & {"vllm", "deepspeed"})

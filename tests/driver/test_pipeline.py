@@ -1,5 +1,7 @@
 """D || G updates and the one-step-off pipeline, end to end on CPU (real Ray, vLLM, gloo)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -52,6 +54,25 @@ def test_rollout_and_learner_logprobs_agree_in_a_sync_run(sync_run, off_run):
     assert len(sync) == 2 and all(0 <= r["g_logprob_gap"] < 1e-4 for r in sync)
     off = [r for r in step_records(off_run) if r["stage"] == "gad"]
     assert len(off) == 3 and all(r["g_logprob_gap"] > 1e-3 for r in off)
+
+
+def test_g_trains_at_the_temperature_its_stage_samples_at(ray_session, make_cfg):
+    """The recipe's stages sample at T = 0.5 while ``algorithm.grpo.temperature`` stays 0.8: G's
+    update computes its log-probs at the samples' 0.5, so in a sync run they equal the rollout's
+    (``g_logprob_gap`` < 1e-4, where log-probs at 0.8 would give far more)."""
+    cfg = make_cfg("trainer.overlap_d_g=false")
+    driver = Driver(cfg)
+    try:
+        for stage in driver.stages:
+            if stage.sampling is not None:
+                params = dataclasses.replace(stage.sampling.params, temperature=0.5)
+                stage.sampling = dataclasses.replace(stage.sampling, params=params)
+        run_dir = driver.fit()
+    finally:
+        driver.shutdown()
+    assert cfg.algorithm.grpo.temperature == 0.8
+    gad = [r for r in step_records(run_dir) if r["stage"] == "gad"]
+    assert len(gad) == 2 and all(0 <= r["g_logprob_gap"] < 1e-4 for r in gad)
 
 
 OFF = ("trainer.pipeline=one_step_off", "algorithm.generator_optim.lr=1e-2", "trainer.save_every=1")

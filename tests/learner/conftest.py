@@ -96,14 +96,17 @@ class ReferenceTrainer:
         loss = aggregate_loss(sft_loss_mat(logp), batch.response_mask, "token-mean")
         return {"loss": loss.item(), "grad_norm": self._step(loss)}
 
-    def grpo(self, batch: TokenBatch, adv: torch.Tensor, old: torch.Tensor | None) -> dict:
+    def grpo(
+        self, batch: TokenBatch, adv: torch.Tensor, old: torch.Tensor | None, temperature: float
+    ) -> dict:
+        """The step on samples drawn at ``temperature`` (its log-probs are at it)."""
         g, mask = self.cfg.algorithm.grpo, batch.response_mask
-        logp, ent = ref_logprobs(self.model, batch, g.temperature)  # the sampling distribution
+        logp, ent = ref_logprobs(self.model, batch, temperature)  # the sampling distribution
         old = logp.detach() if old is None else old
         pg_mat, stats = ppo_clip_loss(logp, old, adv, mask, g.clip_low, g.clip_high, g.dual_clip)
         pg = aggregate_loss(pg_mat, mask, g.loss_agg_mode)
         with torch.no_grad():
-            ref, _ = ref_logprobs(self.ref, batch, g.temperature)
+            ref, _ = ref_logprobs(self.ref, batch, temperature)
         kl = aggregate_loss(kl_penalty(logp, ref, g.kl_estimator), mask, g.loss_agg_mode)
         loss = pg + g.kl_coef * kl
         n = float(mask.sum())

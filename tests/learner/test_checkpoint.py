@@ -6,6 +6,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gad_ray.learner import GeneratorGroup, LearnerError
 
+T = 0.8  # the temperature the GRPO batches are taken to be sampled at
+
 
 @pytest.fixture(scope="module")
 def resumed(ray_session, tiny_model_dir, lh, tmp_path_factory):
@@ -22,14 +24,14 @@ def resumed(ray_session, tiny_model_dir, lh, tmp_path_factory):
         two.reset_reference()
         two.train_sft(batch)  # policy != reference, so the saved reference matters
         two.save_checkpoint(ckpt)
-        out = {"first": (two.train_grpo(batch, adv), two.full_params())}
+        out = {"first": (two.train_grpo(batch, adv, temperature=T), two.full_params())}
         two.load_checkpoint(ckpt)
-        out["same_group"] = (two.train_grpo(batch, adv), two.full_params())
+        out["same_group"] = (two.train_grpo(batch, adv, temperature=T), two.full_params())
         two.save_pretrained(export)
         out["export"] = (export, two.compute_logprobs(batch))
         one = GeneratorGroup(lh.make_cfg(tiny_model_dir, generator_ranks=1, micro_batch_size=1))
         one.load_checkpoint(ckpt)
-        out["one_rank"] = (one.train_grpo(batch, adv), one.full_params())
+        out["one_rank"] = (one.train_grpo(batch, adv, temperature=T), one.full_params())
         out["batch"], out["one_rank_group"] = batch, one
         yield out
     finally:

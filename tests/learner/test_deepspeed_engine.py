@@ -15,6 +15,8 @@ from tests.learner.conftest import (
     make_token_batch,
 )
 
+T = 0.8  # the temperature the GRPO batches are taken to be sampled at
+
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_generator_steps_match_reference_and_resume(
@@ -32,8 +34,8 @@ def test_deepspeed_generator_steps_match_reference_and_resume(
         adv = torch.randn(len(batch))
         old = group.compute_logprobs(batch) + 0.05 * torch.randn(batch.input_ids.shape)
         old = old * batch.response_mask
-        want = ref.grpo(batch, adv[:, None] * batch.response_mask, old)
-        assert_metrics_close(group.train_grpo(batch, adv, old), want)
+        want = ref.grpo(batch, adv[:, None] * batch.response_mask, old, T)
+        assert_metrics_close(group.train_grpo(batch, adv, old, temperature=T), want)
         assert_params_close(group.full_params(), ref.params())
 
         group.save_pretrained(str(tmp_path / "hf"))
@@ -42,15 +44,15 @@ def test_deepspeed_generator_steps_match_reference_and_resume(
 
         group.save_checkpoint(str(tmp_path / "ckpt"))  # policy, optimizer, reference, schedule
         nxt, adv2 = make_token_batch(seed=2, n=6), torch.randn(6)
-        first = group.train_grpo(nxt, adv2)
+        first = group.train_grpo(nxt, adv2, temperature=T)
         after = group.full_params()
         group.load_checkpoint(str(tmp_path / "ckpt"))
-        assert_metrics_close(group.train_grpo(nxt, adv2), first, tol=1e-6)
+        assert_metrics_close(group.train_grpo(nxt, adv2, temperature=T), first, tol=1e-6)
         assert_params_close(group.full_params(), after, tol=1e-6)
 
         assert first["kl"] > 1e-4
         group.reset_reference()  # reference := current policy, so KL vanishes
-        assert group.train_grpo(nxt, adv2)["kl"] == pytest.approx(0.0, abs=1e-7)
+        assert group.train_grpo(nxt, adv2, temperature=T)["kl"] == pytest.approx(0.0, abs=1e-7)
     finally:
         group.shutdown()
 

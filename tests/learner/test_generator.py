@@ -9,20 +9,22 @@ from gad_ray.data.batch import make_batch
 from gad_ray.learner import GeneratorGroup, LearnerError
 from gad_ray.models.loading import ModelLoadError
 
-T = 0.8  # make_cfg's algorithm.grpo.temperature (the default): GRPO's log-probs use it
+# the samples' temperature, passed with the batch; not make_cfg's algorithm.grpo.temperature
+# (0.8), so matching the reference at T shows the update computes its log-probs at T
+T = 0.6
 
 
 def _steps(group: GeneratorGroup, batch, adv, noise) -> dict:
     """logprobs (T=1 and T), SFT, GRPO with given old logprobs, on-policy GRPO; parameters."""
-    assert group.cfg.algorithm.grpo.temperature == T
+    assert group.cfg.algorithm.grpo.temperature != T
     out = {
         "logprobs": group.compute_logprobs(batch),
         "logprobs_t": group.compute_logprobs(batch, T),
     }
     out["sft"] = group.train_sft(batch)
     out["old"] = group.compute_logprobs(batch, T) + noise
-    out["grpo"] = group.train_grpo(batch, adv, out["old"])
-    out["grpo_on_policy"] = group.train_grpo(batch, adv)
+    out["grpo"] = group.train_grpo(batch, adv, out["old"], temperature=T)
+    out["grpo_on_policy"] = group.train_grpo(batch, adv, temperature=T)
     out["params"] = group.full_params()
     return out
 
@@ -49,8 +51,8 @@ def runs(ray_session, tiny_model_dir, lh):
         }
         expect["sft"] = ref.sft(batch)
         tokens_adv = broadcast_to_tokens(adv, batch.response_mask)
-        expect["grpo"] = ref.grpo(batch, tokens_adv, results["two"]["old"])
-        expect["grpo_on_policy"] = ref.grpo(batch, tokens_adv, None)
+        expect["grpo"] = ref.grpo(batch, tokens_adv, results["two"]["old"], T)
+        expect["grpo_on_policy"] = ref.grpo(batch, tokens_adv, None, T)
         expect["params"] = ref.params()
         yield {"batch": batch, "plan": plan, "expect": expect, "group": two, **results}
     finally:
@@ -113,7 +115,7 @@ def test_one_rank_micro_batch_one_equals_two_ranks_token_budget(runs, lh):
 def test_batch_without_response_tokens_is_rejected_naming_the_method(runs):
     empty = make_batch([[5, 6, 7], [8, 9]], [[], []], pad_id=0)
     with pytest.raises(ValueError, match=r"GeneratorGroup\.train_grpo: .* no response tokens"):
-        runs["group"].train_grpo(empty, torch.zeros(2))
+        runs["group"].train_grpo(empty, torch.zeros(2), temperature=T)
     with pytest.raises(ValueError, match=r"GeneratorGroup\.train_sft: .* no response tokens"):
         runs["group"].train_sft(empty)
 
@@ -121,15 +123,17 @@ def test_batch_without_response_tokens_is_rejected_naming_the_method(runs):
 def test_misshapen_advantages_are_rejected(runs):
     batch = runs["batch"]
     with pytest.raises(ValueError, match=r"train_grpo: advantages has shape \(6, 3\)"):
-        runs["group"].train_grpo(batch, torch.zeros(6, 3))
+        runs["group"].train_grpo(batch, torch.zeros(6, 3), temperature=T)
 
 
 def test_reset_reference_makes_kl_zero(runs):
     group, batch = runs["group"], runs["batch"]
-    assert group.train_grpo(batch, torch.ones(len(batch)))["kl"] > 0
+    assert group.train_grpo(batch, torch.ones(len(batch)), temperature=T)["kl"] > 0
     group.reset_reference()
     # after the reset the reference equals the policy, so the next on-policy step has KL 0
-    assert group.train_grpo(batch, torch.ones(len(batch)))["kl"] == pytest.approx(0, abs=1e-7)
+    assert group.train_grpo(batch, torch.ones(len(batch)), temperature=T)["kl"] == pytest.approx(
+        0, abs=1e-7
+    )
 
 
 def test_wrong_model_path_is_named(ray_session, tmp_path, lh):

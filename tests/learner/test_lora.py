@@ -32,6 +32,8 @@ from tests.learner.conftest import (
     make_token_batch,
 )
 
+T = 0.8  # the temperature the GRPO batches are taken to be sampled at
+
 RANK, ALPHA = 4, 8.0
 # (backend, zero_stage, ranks): FSDP2 and ZeRO-2/3, one and two ranks
 CASES = [("fsdp", 3, 1), ("fsdp", 3, 2), ("deepspeed", 2, 2), ("deepspeed", 3, 1)]
@@ -74,8 +76,8 @@ def peft_lm(model_dir, init: dict[str, torch.Tensor]) -> PeftModel:
 def g_steps(group, batch, adv, noise) -> dict:
     out = {"init": group.full_params(), "sft": group.train_sft(batch)}
     out["old"] = group.compute_logprobs(batch, 0.8) + noise
-    out["grpo"] = group.train_grpo(batch, adv, out["old"])
-    out["grpo_on_policy"] = group.train_grpo(batch, adv)
+    out["grpo"] = group.train_grpo(batch, adv, out["old"], temperature=T)
+    out["grpo_on_policy"] = group.train_grpo(batch, adv, temperature=T)
     out["params"] = group.full_params()
     return out
 
@@ -116,8 +118,8 @@ def reference_g(tiny_model_dir, inputs, ray_session):
         group.train_sft(batch)  # the old log-probs of g_steps: after the SFT step, + noise
         old = group.compute_logprobs(batch, 0.8) + noise
         tokens_adv = adv[:, None] * batch.response_mask
-        out["grpo"] = ref.grpo(batch, tokens_adv, old)
-        out["grpo_on_policy"] = ref.grpo(batch, tokens_adv, None)
+        out["grpo"] = ref.grpo(batch, tokens_adv, old, T)
+        out["grpo_on_policy"] = ref.grpo(batch, tokens_adv, None, T)
         out["params"] = peft_weights(ref.model)
         return out
     finally:
@@ -217,8 +219,10 @@ def test_shared_base_group_steps_equal_separate_lora_groups(tiny_model_dir, inpu
     def run(g, d) -> dict:
         out = {"sft": g.train_sft(batch), "bt": d.train_bt(teacher, student, PAIRS)}
         g.reset_reference()
-        out["grpo"] = g.train_grpo(batch, adv, g.compute_logprobs(batch, 0.8) + noise)
-        out["grpo2"] = g.train_grpo(batch, adv)
+        out["grpo"] = g.train_grpo(
+            batch, adv, g.compute_logprobs(batch, 0.8) + noise, temperature=T
+        )
+        out["grpo2"] = g.train_grpo(batch, adv, temperature=T)
         out["bt2"] = d.train_bt(teacher, student, PAIRS)
         out["scores"] = d.score(student)
         out["g"], out["d"] = g.full_params(), d.full_params()
@@ -264,16 +268,18 @@ def test_checkpoint_holds_only_adapters_and_round_trips(
     try:
         g.train_sft(batch)
         g.reset_reference()
-        g.train_grpo(batch, torch.randn(6))
+        g.train_grpo(batch, torch.randn(6), temperature=T)
         saved = g.full_params()
         ckpt = tmp_path / "ckpt"
         g.save_checkpoint(str(ckpt))
-        want = g.train_grpo(batch, torch.ones(6))  # from the saved state (incl. Adam, reference)
+        want = g.train_grpo(
+            batch, torch.ones(6), temperature=T
+        )  # from the saved state (incl. Adam, reference)
         g.train_sft(make_token_batch(seed=4, n=6))
         g.load_checkpoint(str(ckpt))
         for k, v in g.full_params().items():
             torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
-        assert_metrics_close(g.train_grpo(batch, torch.ones(6)), want, tol=1e-6)
+        assert_metrics_close(g.train_grpo(batch, torch.ones(6), temperature=T), want, tol=1e-6)
     finally:
         g.shutdown()
     pointer = json.loads((ckpt / BASE_POINTER).read_text())

@@ -26,6 +26,8 @@ from gad_ray.learner.offload import CPU, move_module, move_optimizer_state
 from gad_ray.memory import memory_stats
 from tests.learner.conftest import make_cfg, make_token_batch
 
+T = 0.8  # the temperature the GRPO batches are taken to be sampled at
+
 # the in-worker probes below live in this test module: ship them to the actors by value
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -232,14 +234,19 @@ def test_offload_round_trip_gives_the_same_steps_as_without(
             assert all(g["bucket"] is None for g in _in_workers(off, _zero3_grad_buffers))
         off.save_checkpoint(str(tmp_path / "ckpt"))  # onloads for the save, offloads again
         assert off.is_offloaded()
-        m2 = off.train_grpo(b2, adv2)  # onloads automatically and stays onloaded
+        m2 = off.train_grpo(b2, adv2, temperature=T)  # onloads automatically and stays onloaded
         assert not off.is_offloaded() and m2["kl"] > 0
-        _assert_same(base, off, base.train_grpo(b2, adv2), m2)
+        _assert_same(base, off, base.train_grpo(b2, adv2, temperature=T), m2)
         after2 = off.full_params()
 
         assert len(off.onload()) == ranks  # onloading an onloaded learner does nothing
         off.offload(copy=True)
-        _assert_same(base, off, base.train_grpo(b3, adv3), off.train_grpo(b3, adv3))
+        _assert_same(
+            base,
+            off,
+            base.train_grpo(b3, adv3, temperature=T),
+            off.train_grpo(b3, adv3, temperature=T),
+        )
         assert _in_workers(off, _grads_left) == [0] * ranks
         if backend == "deepspeed" and stage == 3:  # ...and the bucket comes back for the step
             for g in _in_workers(off, _zero3_grad_buffers):
@@ -248,7 +255,7 @@ def test_offload_round_trip_gives_the_same_steps_as_without(
         off.offload()
         off.load_checkpoint(str(tmp_path / "ckpt"))  # the one saved while offloaded
         assert off.is_offloaded()
-        again = off.train_grpo(b2, adv2)
+        again = off.train_grpo(b2, adv2, temperature=T)
         assert _without_timings(again) == _without_timings(m2)
         for k, v in off.full_params().items():
             assert torch.equal(v, after2[k]), k

@@ -61,8 +61,8 @@ def test_packed_generator_steps_equal_single_process(ray_session, tiny_model_dir
         torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-5)
     lh.assert_metrics_close(got["sft"], ref.sft(batch))
     tokens_adv = adv[:, None] * mask
-    lh.assert_metrics_close(got["grpo"], ref.grpo(batch, tokens_adv, got["old"]))
-    lh.assert_metrics_close(got["grpo_on_policy"], ref.grpo(batch, tokens_adv, None))
+    lh.assert_metrics_close(got["grpo"], ref.grpo(batch, tokens_adv, got["old"], T))
+    lh.assert_metrics_close(got["grpo_on_policy"], ref.grpo(batch, tokens_adv, None, T))
     assert got["grpo"]["pg_clipfrac"] > 0 and got["grpo"]["kl"] > 0  # not vacuous
     lh.assert_params_close(got["params"], ref.params())
     for step in ("sft", "grpo", "grpo_on_policy"):  # no padding, no empty micro-batch
@@ -104,7 +104,9 @@ def test_shared_lora_base_packed_equals_padded(ray_session, tiny_model_dir, lh):
         try:
             assert group.packing == packing
             out = {"sft": group.train_sft(batch), "bt": group.train_bt(teacher, student, pairs)}
-            out["grpo"] = group.train_grpo(batch, adv, group.compute_logprobs(batch, T))
+            out["grpo"] = group.train_grpo(
+                batch, adv, group.compute_logprobs(batch, T), temperature=T
+            )
             out["scores"], out["params"] = group.score(student), group.full_params()
             out["ratios"] = {
                 "sft": expected_pad_ratio(group, batch),

@@ -107,7 +107,7 @@ def g_steps(cfg, model_dir, batch, plan) -> dict:
     tokens = float(batch.response_mask.sum())
     mbs = shapes_of(batch, plan)
     sft = measure(lambda: gen.train_sft(batch, plan, den))
-    grpo = measure(lambda: gen.train_grpo(batch, plan, adv, None, den, tokens))
+    grpo = measure(lambda: gen.train_grpo(batch, plan, adv, None, den, tokens, 1.0))
     return {
         "G SFT": (sft, learner_step(cfg, "G", mbs, cuda=False, kind="sft")),
         "G GRPO": (grpo, learner_step(cfg, "G", mbs, cuda=False, kind="grpo")),

@@ -5,7 +5,7 @@ import ray
 
 from gad_ray.config.schema import Config
 from gad_ray.models.loading import load_causal_lm
-from gad_ray.rollout import RolloutGroup, send_weights
+from gad_ray.rollout import RolloutGroup, SamplingParams, send_weights
 
 from .helpers import perturbed
 
@@ -31,29 +31,32 @@ def group(tiny_model_dir):
 
 
 def test_group_returns_prompt_major_in_prompt_order(group):
-    samples = group.generate(PROMPTS, 3, 1.0, 1.0, 6, seed=2)
+    samples = group.generate(PROMPTS, SamplingParams(3, 1.0, 1.0, 6), seed=2)
     assert [s.prompt_index for s in samples] == [i for i in range(len(PROMPTS)) for _ in range(3)]
     # the same as one worker doing the whole batch: seeds follow the prompt index
-    alone = ray.get(group.workers[1].generate.remote(PROMPTS, 3, 1.0, 1.0, 6, 2))
+    alone = ray.get(group.workers[1].generate.remote(PROMPTS, SamplingParams(3, 1.0, 1.0, 6), 2))
     assert [s.token_ids for s in samples] == [s.token_ids for s in alone]
     assert [s.finish_reason for s in samples] == ["length"] * len(samples)
 
 
 def test_group_fewer_prompts_than_workers_and_errors(group):
-    assert [s.prompt_index for s in group.generate([[3, 4]], 2, 0.0, 1.0, 4)] == [0, 0]
+    assert [s.prompt_index for s in group.generate([[3, 4]], SamplingParams(2, 0.0, 1.0, 4))] == [
+        0,
+        0,
+    ]
     with pytest.raises(ValueError, match="prompt 3 is empty"):  # named by its index in the batch
-        group.generate([[1], [2], [3, 4], [], [5]], 1, 1.0, 1.0, 4)
-    assert len(group.generate(PROMPTS, 1, 0.0, 1.0, 4)) == len(PROMPTS)
+        group.generate([[1], [2], [3, 4], [], [5]], SamplingParams(1, 1.0, 1.0, 4))
+    assert len(group.generate(PROMPTS, SamplingParams.greedy(4))) == len(PROMPTS)
 
 
 def test_group_weight_sync_and_sleep(group, tiny_model_dir):
-    before = group.generate(PROMPTS, 1, 0.0, 1.0, 8)
+    before = group.generate(PROMPTS, SamplingParams.greedy(8))
     model = load_causal_lm(str(tiny_model_dir))
     perturbed(model)
     stats = send_weights(model.state_dict().items(), group.workers, 2**20, "object_store")
     assert stats["bytes"] > 0
-    after = group.generate(PROMPTS, 1, 0.0, 1.0, 8)
-    ref = ray.get(group.workers[0].generate.remote(PROMPTS, 1, 0.0, 1.0, 8))
+    after = group.generate(PROMPTS, SamplingParams.greedy(8))
+    ref = ray.get(group.workers[0].generate.remote(PROMPTS, SamplingParams.greedy(8)))
     assert [s.token_ids for s in after] == [s.token_ids for s in ref]
     assert [s.token_ids for s in after] != [s.token_ids for s in before]
     assert [r["supported"] for r in group.sleep()] == [False, False]
@@ -64,7 +67,7 @@ def test_hf_backend_group(tiny_model_dir):
     g = RolloutGroup(make_config(tiny_model_dir, backend="hf"), str(tiny_model_dir))
     try:
         assert g.info[0]["backend"] == "hf"
-        samples = g.generate(PROMPTS[:2], 2, 1.0, 1.0, 5, seed=0)
+        samples = g.generate(PROMPTS[:2], SamplingParams(2, 1.0, 1.0, 5), seed=0)
         assert [s.prompt_index for s in samples] == [0, 0, 1, 1]
     finally:
         g.shutdown()

@@ -14,6 +14,7 @@ from gad_ray.config.schema import RolloutConfig, validate_config
 from gad_ray.learner import GeneratorGroup
 from gad_ray.models.loading import VLLM_CPU_ENV
 from gad_ray.rollout.hf_worker import HFRolloutWorker
+from gad_ray.rollout.types import SamplingParams
 from gad_ray.rollout.vllm_worker import RolloutWorker
 from gad_ray.rollout.weight_sync import send_weights
 from tests.learner.conftest import make_token_batch
@@ -49,7 +50,7 @@ def setup(tiny_model_dir):
 
 
 def greedy(worker, max_tokens: int = 10) -> list[list[int]]:
-    samples = ray.get(worker.generate.remote(PROMPTS, 1, 0.0, 1.0, max_tokens, None))
+    samples = ray.get(worker.generate.remote(PROMPTS, SamplingParams.greedy(max_tokens), None))
     return [s.token_ids for s in samples]
 
 

@@ -20,6 +20,7 @@ from gad_ray.learner.generator import policy_logprobs
 from gad_ray.models.loading import VLLM_CPU_ENV, load_causal_lm, load_tokenizer
 from gad_ray.models.tiny import build_tiny_model
 from gad_ray.rollout.base import backend_class
+from gad_ray.rollout.types import SamplingParams
 from gad_ray.rollout.weight_sync import send_weights
 
 from .helpers import force_eos
@@ -87,7 +88,7 @@ def learner_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
 
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
 def test_sample_logprobs_are_the_learners_at_the_sampling_temperature(workers, model, backend):
-    samples = ray.get(workers[backend].generate.remote(PROMPTS, 4, T, 1.0, 16, 3))
+    samples = ray.get(workers[backend].generate.remote(PROMPTS, SamplingParams(4, T, 1.0, 16), 3))
     assert len(samples) == 12 and len({tuple(s.token_ids) for s in samples}) > 3
     for s in samples:
         want = learner_logprobs(model, PROMPTS[s.prompt_index], s.token_ids, T)
@@ -97,7 +98,10 @@ def test_sample_logprobs_are_the_learners_at_the_sampling_temperature(workers, m
 
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
 def test_greedy_is_the_learners_argmax(workers, model, model_dir, backend):
-    got = [s.token_ids for s in ray.get(workers[backend].generate.remote(PROMPTS, 1, 0.0, 1.0, 12))]
+    got = [
+        s.token_ids
+        for s in ray.get(workers[backend].generate.remote(PROMPTS, SamplingParams.greedy(12)))
+    ]
     assert got == [learner_greedy(model, p, 12) for p in PROMPTS]
     # not vacuous: HF greedy under the model's own generation config (its repetition penalty)
     # picks other tokens for these prompts
@@ -126,7 +130,9 @@ def test_stops_at_each_eos_id_of_the_generation_config_and_no_other(workers, mod
             send_weights(edited.state_dict().items(), [worker], 2**20, "object_store")
             want = [token] if reason == "stop" else [token] * 6
             for temperature in (0.0, 1.0):
-                samples = ray.get(worker.generate.remote(PROMPTS, 2, temperature, 1.0, 6, 0))
+                samples = ray.get(
+                    worker.generate.remote(PROMPTS, SamplingParams(2, temperature, 1.0, 6), 0)
+                )
                 assert [(s.token_ids, s.finish_reason) for s in samples] == [(want, reason)] * 6
     finally:  # the other tests' weights
         original = load_causal_lm(str(model_dir))

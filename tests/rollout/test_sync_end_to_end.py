@@ -12,7 +12,7 @@ from gad_ray.data.batch import TokenBatch, make_batch
 from gad_ray.learner.generator import GeneratorGroup
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
 from gad_ray.rollout.group import RolloutGroup
-from gad_ray.rollout.types import Sample
+from gad_ray.rollout.types import Sample, SamplingParams
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [100, 200], [42] * 6]
 TARGETS = [[20, 21, 22], [30, 31], [40, 41, 42, 43], [50]]
@@ -62,7 +62,7 @@ def test_trained_weights_reach_vllm(ray_local, spec):
     generator = GeneratorGroup(cfg, path, total_steps=1)
     rollout = RolloutGroup(cfg, path)
     try:
-        before = rollout.generate(PROMPTS, 2, 1.0, 1.0, MAX_TOKENS, seed=0)
+        before = rollout.generate(PROMPTS, SamplingParams(2, 1.0, 1.0, MAX_TOKENS), seed=0)
         assert max_gap(before, learner_logprobs(generator, before, pad_id)) < 1e-4  # same start
 
         teacher: TokenBatch = make_batch(PROMPTS, TARGETS, pad_id)
@@ -71,7 +71,7 @@ def test_trained_weights_reach_vllm(ray_local, spec):
         assert max_gap(before, moved) > 1e-2  # the step is visible in the log-probs
 
         generator.sync_weights(rollout.workers)
-        after = rollout.generate(PROMPTS, 2, 1.0, 1.0, MAX_TOKENS, seed=1)
+        after = rollout.generate(PROMPTS, SamplingParams(2, 1.0, 1.0, MAX_TOKENS), seed=1)
         assert all(s.length > 0 for s in after)
         gap = max_gap(after, learner_logprobs(generator, after, pad_id))
         assert gap < 1e-4, f"{spec}: vLLM samples from other weights than the learner's"

@@ -6,6 +6,7 @@ import torch
 
 from gad_ray.config.schema import RolloutConfig
 from gad_ray.models.loading import VLLM_CPU_ENV, load_causal_lm, load_tokenizer
+from gad_ray.rollout.types import SamplingParams
 from gad_ray.rollout.vllm_worker import RolloutWorker
 from gad_ray.rollout.weight_sync import send_weights
 
@@ -26,7 +27,9 @@ def worker(tiny_model_dir):
 
 
 def gen(worker, prompts=PROMPTS, n=1, temperature=0.0, max_tokens=8, seed=None):
-    return ray.get(worker.generate.remote(prompts, n, temperature, 1.0, max_tokens, seed))
+    return ray.get(
+        worker.generate.remote(prompts, SamplingParams(n, temperature, 1.0, max_tokens), seed)
+    )
 
 
 def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
@@ -53,7 +56,7 @@ def test_same_seed_same_samples(worker):
     assert [s.logprobs for s in a] == [s.logprobs for s in b]
     assert [s.token_ids for s in a] != [s.token_ids for s in c]
     # a prompt's samples depend on its index + seed only, not on the rest of the batch
-    alone = ray.get(worker.generate.remote([PROMPTS[1]], 3, 1.0, 1.0, 8, 11, [1]))
+    alone = ray.get(worker.generate.remote([PROMPTS[1]], SamplingParams(3, 1.0, 1.0, 8), 11, [1]))
     assert [s.token_ids for s in alone] == [s.token_ids for s in a[3:6]]
 
 

@@ -10,6 +10,7 @@ import torch
 from gad_ray.config.schema import RolloutConfig
 from gad_ray.models.loading import load_causal_lm
 from gad_ray.rollout.hf_worker import HFRolloutWorker
+from gad_ray.rollout.types import SamplingParams
 from gad_ray.rollout.weight_sync import (
     ALIGN,
     WeightSyncError,
@@ -103,7 +104,9 @@ def test_send_weights_reaches_every_worker(workers, tiny_model_dir, method):
     assert stats["bytes"] == sum(t.numel() * t.element_size() for t in state.values())
     assert stats["buckets"] > 1 and stats["seconds"] > 0
     expected = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False)
-    for samples in ray.get([w.generate.remote([[5, 6, 7]], 1, 0.0, 1.0, 8) for w in workers]):
+    for samples in ray.get(
+        [w.generate.remote([[5, 6, 7]], SamplingParams.greedy(8)) for w in workers]
+    ):
         assert samples[0].token_ids == expected[0, 3:].tolist()
 
 
