@@ -45,7 +45,7 @@ MIN_LEN, MAX_LEN = 1, 3  # words per prompt, pre-training and distillation alike
 STUDENT_VERSION = "v1"  # bump when what build_student makes changes, so stale caches are rebuilt
 # hidden, layers, heads, kv heads, MLP width (head_dim 64: vLLM on CPU needs >= 32)
 SHAPE = (256, 4, 4, 2, 1024)
-STEPS, BATCH, LR, WARMUP = 600, 64, 3e-3, 30
+STEPS, BATCH, LR, WARMUP = 400, 64, 3e-3, 30
 COMPETENCE_N = 64  # prompts per family in the competence check
 MAX_NEW_TOKENS = 32
 
