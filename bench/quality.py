@@ -71,7 +71,7 @@ TESTBED = ("experiment=quality_cpu", f"model.student.path={STUDENT}")
 PRESETS: dict[str, dict[str, int]] = {
     # warmup / gad: generator steps of the two stages; prompts: per step; eval_n: prompts per
     # family and split; samples: T=1 samples per multi-modal prompt
-    "full": dict(seeds=3, warmup=16, gad=32, prompts=16, eval_n=32, samples=8),
+    "full": dict(seeds=3, warmup=32, gad=32, prompts=16, eval_n=32, samples=8),
     "quick": dict(seeds=1, warmup=2, gad=2, prompts=8, eval_n=6, samples=2),
 }
 
@@ -124,8 +124,10 @@ def write_prompts(path: Path, tasks: tuple[str, ...], n: int, seed: str) -> Path
     return write_dataset(path, rows)
 
 
-def fetch(server: Any, out: Path, src: Path) -> tuple[Path, int]:
-    """The teacher's responses to the prompts of ``src`` (through ``gad_ray.teacher``)."""
+def fetch(server: Any, out: Path, src: Path) -> tuple[Path, int, int]:
+    """The teacher's responses to the prompts of ``src`` (through ``gad_ray.teacher``): the
+    file, the number of responses and the number of HTTP requests (a prompt that repeats gets
+    its samples in one request with ``n`` > 1)."""
     before = server.stats()["total_requests"]
     cfg = compose(
         [
@@ -144,7 +146,7 @@ def fetch(server: Any, out: Path, src: Path) -> tuple[Path, int]:
     summary = fetch_dataset(cfg, str(src), dst)
     if summary["failed"] or summary["written"] != summary["rows"]:
         raise RuntimeError(f"the teacher did not answer every prompt of {src}: {summary}")
-    return dst, server.stats()["total_requests"] - before
+    return dst, summary["written"], server.stats()["total_requests"] - before
 
 
 def overrides(method: Method, seed: int, p: dict, data: dict[str, Path], extra: list[str]):
@@ -202,10 +204,11 @@ def run_seed(seed: int, p: dict, out: Path, server: Any, extra: list[str]) -> di
             f"ood-{seed}",
         ),
     }
-    data, calls = {}, {}
+    data, calls, requests = {}, {}, {}
     for split, path in prompts.items():
-        data[split], calls[split] = fetch(server, out, path)
+        data[split], calls[split], requests[split] = fetch(server, out, path)
     result: dict[str, Any] = {"scores": {}, "curves": {}, "train_s": {}, "teacher_calls": {}}
+    result["server_requests"] = requests
     steps_s: dict[str, dict[int, float]] = {}
     for method in METHODS:
         run_dir = train_method(method, seed, p, out, data, extra)

@@ -151,7 +151,8 @@ def markdown(agg: dict, results: list[dict], meta: dict) -> str:
         f"{p['eval_n']} prompts per family. score: correct and in the teacher's style; acc: "
         "correct in any style; style: share in the teacher's style; F1: unigram F1 with the "
         "teacher's reference; len: greedy tokens / teacher's; top/minor/invalid: shares of "
-        f"{p['samples']} T=1 samples per multi-modal prompt; calls: teacher responses used; "
+        f"{p['samples']} T=1 samples per multi-modal prompt; calls: teacher responses trained on "
+        "(teacher row: the eval references); "
         "train s: seconds of the method's steps (the shared warmup included).",
         "",
         "| method | calls | train s | ID score | ID acc | ID style | OOD score | OOD acc | OOD style"
@@ -265,6 +266,8 @@ def plot(agg: dict, results: list[dict], p: dict, path: Path) -> Path:
                         label=method if seed == 0 else None,
                     )
         ax.axvspan(p["warmup"], p["warmup"] + p["gad"], color="grey", alpha=0.08)
+        if key == "eval_accuracy":
+            ax.set_ylim(0, 1.05)
         ax.set_title(title)
         ax.set_xlabel("generator step")
         ax.legend(fontsize=8)

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 from gad_ray.data.tokenize import encode_prompt
 from gad_ray.models.loading import ModelLoadError
 from gad_ray.models.tiny import build_tokenizer
-from gad_ray.synthetic.tasks import answer_distribution, check, make_prompt
+from gad_ray.synthetic.tasks import answer_distribution, check, make_prompt, styled
 
 # The testbed (docs/quality.md): the student is pre-trained on every family; distillation uses the
 # in-domain ones; the held-out ones are scored out of domain.
@@ -41,8 +41,11 @@ PRETRAIN_TASKS = IN_DOMAIN_TASKS + HELD_OUT_TASKS
 # sampling weight of a family in pre-training: the word-transforming ones take longest to learn
 PRETRAIN_WEIGHTS = {"copy": 3, "upper": 3, "reverse": 3}
 MIN_LEN, MAX_LEN = 1, 3  # words per prompt, pre-training and distillation alike
+# The student's formats in pre-training: mostly the bare answer (its greedy style), sometimes
+# one of four frames; never the teacher's ``Answer: ... .`` (tasks.STYLES)
+STUDENT_STYLES = {"plain": 0.6, "result": 0.1, "sure": 0.1, "it_is": 0.1, "here": 0.1}
 
-STUDENT_VERSION = "v1"  # bump when what build_student makes changes, so stale caches are rebuilt
+STUDENT_VERSION = "v2"  # bump when what build_student makes changes, so stale caches are rebuilt
 # hidden, layers, heads, kv heads, MLP width (head_dim 64: vLLM on CPU needs >= 32)
 SHAPE = (256, 4, 4, 2, 1024)
 STEPS, BATCH, LR, WARMUP = 400, 64, 3e-3, 30
@@ -51,9 +54,11 @@ MAX_NEW_TOKENS = 32
 
 
 def student_answer(prompt: str, rng: random.Random) -> str:
-    """The student's own answer: the bare answer; on a multi-modal family a uniform choice."""
+    """The student's own answer: on a multi-modal family a uniform choice among the valid
+    answers; bare (its default style) or, less often, in one of its other formats."""
     _, dist = answer_distribution(prompt)
-    return rng.choice(sorted(dist))
+    style = rng.choices(list(STUDENT_STYLES), list(STUDENT_STYLES.values()))[0]
+    return styled(rng.choice(sorted(dist)), style)
 
 
 def model_config(tok, shape: tuple[int, int, int, int, int] = SHAPE) -> Qwen2Config:

@@ -5,9 +5,10 @@ held-out prompts can be longer than training ones. Multi-modal tasks have severa
 with unequal probabilities; the teacher samples among them, the most probable one is known.
 
 An answer is written in a *style* (:data:`STYLES`): ``plain`` is the bare answer, ``framed``
-wraps it as ``Answer: <answer>.`` (the style of the testbed's teacher, docs/quality.md). The
-checker accepts either: content is scored with the frame removed, and the verdict says whether
-the response was framed.
+wraps it as ``Answer: <answer>.`` (the style of the testbed's teacher, docs/quality.md); the
+others are the formats the testbed's student learnt in pre-training besides the bare answer.
+The checker scores the content with any known frame removed, and says whether the response
+was in the teacher's frame.
 """
 
 import argparse
@@ -47,7 +48,15 @@ ANIMALS: dict[str, dict[str, float]] = {
 }
 
 # style name -> (text before the answer, text after it)
-STYLES: dict[str, tuple[str, str]] = {"plain": ("", ""), "framed": ("Answer: ", ".")}
+STYLES: dict[str, tuple[str, str]] = {
+    "plain": ("", ""),
+    "framed": ("Answer: ", "."),  # the testbed's teacher (docs/quality.md)
+    # the testbed's student's other formats (pre-training only; never the teacher's)
+    "result": ("Result: ", ""),
+    "sure": ("Sure, ", "."),
+    "it_is": ("It is ", "."),
+    "here": ("Here: ", ""),
+}
 
 
 @dataclass(frozen=True)
@@ -182,19 +191,22 @@ def styled(answer: str, style: str) -> str:
     return f"{before}{answer}{after}"
 
 
-def unframe(response: str) -> tuple[str, bool]:
-    """(content, framed): the whitespace-normalised response with the teacher's frame removed.
+def unframe(response: str) -> tuple[str, str]:
+    """(content, style): the whitespace-normalised response with a known frame removed.
 
-    A response that starts with the frame's opening has it removed, and its closing too when
-    present; ``framed`` is True only when both are (``Answer: cat.``). Anything else is content
-    as it stands (``cat.`` keeps its period and is not a valid answer)."""
+    A response that starts with a style's opening has it removed, and the closing too when
+    present; ``style`` names it only when both are there (``Answer: cat.`` is ``framed``), else
+    it is ``"partial"``; with no opening the response is ``plain`` content as it stands
+    (``cat.`` keeps its period and is not a valid answer)."""
     text = " ".join(response.split())
-    before, after = STYLES["framed"]
-    if not text.startswith(before.strip()):
-        return text, False
-    body = text[len(before.strip()) :].strip()
-    closed = body.endswith(after)
-    return (body[: -len(after)].strip() if closed else body), closed
+    for name, (before, after) in STYLES.items():
+        if not before or not text.startswith(before.strip()):
+            continue
+        body = text[len(before.strip()) :].strip()
+        if body.endswith(after):
+            return (body[: len(body) - len(after)].strip() if after else body), name
+        return body, "partial"
+    return text, "plain"
 
 
 def teacher_answer(
@@ -216,13 +228,13 @@ def teacher_answer(
 
 
 def check(prompt: str, response: str) -> Verdict:
-    """Check a response against the prompt's task: its content (whitespace-normalised, the
-    teacher's frame removed, exact otherwise) and whether it is framed."""
+    """Check a response against the prompt's task: its content (whitespace-normalised, a known
+    frame removed, exact otherwise) and whether it is in the teacher's frame."""
     name, dist = answer_distribution(prompt)
-    answer, framed = unframe(response)
+    answer, style = unframe(response)
     valid = answer in dist
     best = max(dist, key=dist.__getitem__)
-    return Verdict(name, valid, answer == best, valid, framed)
+    return Verdict(name, valid, answer == best, valid, style == "framed")
 
 
 def prompt_text(prompt: str | Sequence[dict]) -> str:

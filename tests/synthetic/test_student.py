@@ -15,13 +15,14 @@ from gad_ray.synthetic.student import (
     HELD_OUT_TASKS,
     IN_DOMAIN_TASKS,
     PRETRAIN_TASKS,
+    STUDENT_STYLES,
     STUDENT_VERSION,
     build_student,
     make_batch,
     read_competence,
     student_answer,
 )
-from gad_ray.synthetic.tasks import FRUITS, TASKS, check
+from gad_ray.synthetic.tasks import FRUITS, TASKS, check, unframe
 
 
 def test_families_split_into_in_domain_and_held_out() -> None:
@@ -32,14 +33,22 @@ def test_families_split_into_in_domain_and_held_out() -> None:
         assert any(TASKS[t].multimodal for t in split)
 
 
-def test_student_answers_bare_and_uniform_over_valid_answers() -> None:
+def test_student_answers_in_its_own_styles_uniform_over_valid_answers() -> None:
     rng = random.Random(0)
     prompt = "Name a fruit that is red."
-    counts = Counter(student_answer(prompt, rng) for _ in range(3000))
-    assert set(counts) == set(FRUITS["red"])
-    assert all(abs(c / 3000 - 1 / 3) < 0.04 for c in counts.values())  # the teacher: 0.6 on apple
-    assert student_answer("Reverse the words: cat dog", rng) == "dog cat"
-    assert not check(prompt, student_answer(prompt, rng)).framed
+    answers = [unframe(student_answer(prompt, rng)) for _ in range(4000)]
+    contents = Counter(content for content, _ in answers)
+    assert set(contents) == set(FRUITS["red"])  # the teacher: 0.6 on apple
+    assert all(abs(c / 4000 - 1 / 3) < 0.04 for c in contents.values())
+    styles = Counter(style for _, style in answers)
+    assert set(styles) == set(STUDENT_STYLES) and "framed" not in styles  # never the teacher's
+    assert abs(styles["plain"] / 4000 - STUDENT_STYLES["plain"]) < 0.04
+    assert max(STUDENT_STYLES, key=STUDENT_STYLES.get) == "plain"  # its greedy style
+    for _ in range(20):
+        verdict = check(
+            "Reverse the words: cat dog", student_answer("Reverse the words: cat dog", rng)
+        )
+        assert verdict.correct and not verdict.framed
 
 
 def test_pretraining_batch_trains_on_the_answer_and_eos_only() -> None:

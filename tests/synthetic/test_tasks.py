@@ -21,6 +21,7 @@ from gad_ray.synthetic.tasks import (
     score_responses,
     styled,
     teacher_answer,
+    unframe,
     write_dataset,
 )
 
@@ -179,6 +180,12 @@ def test_framed_style_is_scored_for_content_and_style() -> None:
     assert check(prompt, "Answer: dog cat") == Verdict("reverse", True, True, True, False)
     for wrong in ("Answer: cat dog.", "Answer: dog cat. extra", "dog cat.", "Answer dog cat."):
         assert not check(prompt, wrong).correct, wrong
+    # the student's other formats: correct content, not the teacher's style
+    for other in ("Result: dog cat", "Sure, dog cat.", "It is dog cat.", "Here: dog cat"):
+        assert check(prompt, other) == Verdict("reverse", True, True, True, False), other
+    assert unframe("Sure, dog cat") == ("dog cat", "partial")
+    assert unframe("Answer: dog cat.") == ("dog cat", "framed")
+    assert unframe("dog cat.") == ("dog cat.", "plain")
     assert check("Name a fruit that is red.", "Answer: cherry.") == Verdict(
         "fruit", True, False, True, True
     )
