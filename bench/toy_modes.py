@@ -11,8 +11,9 @@ valley between modes). The student is too small to represent it: one discretised
 - **GAD**: the paper's schedule: a SeqKD warmup (the generator's likelihood steps while the
   discriminator learns), then the GAD stage: the discriminator (one score per bin) is trained
   with the Bradley-Terry loss on (teacher sample, student sample) pairs, and the student by
-  policy gradient on the discriminator's score, advantages normalised within each group of
-  samples (GRPO, docs/algorithms.md §2.3): mode-seeking.
+  policy gradient on the discriminator's score (before its update), advantages centred within
+  each group of samples (GRPO with ``norm_adv_by_std=false``, docs/algorithms.md §2.3; the
+  std division made this two-parameter student drift off the modes): mode-seeking.
 
 Reported per method (mean ± std over seeds): the student's probability mass on the top mode
 (bins within ``MODE_RADIUS`` of its centre), on each mode, and in the valleys, beside the
