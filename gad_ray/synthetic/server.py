@@ -26,7 +26,13 @@ from aiohttp import web
 
 from gad_ray.eval.judge import ANS_END, ANS_START, QUESTION_MARK, REF_END, REF_START
 from gad_ray.eval.metrics import ngram_f1
-from gad_ray.synthetic.tasks import check, most_probable_answer, prompt_text, teacher_answer
+from gad_ray.synthetic.tasks import (
+    STYLES,
+    check,
+    most_probable_answer,
+    prompt_text,
+    teacher_answer,
+)
 
 T = TypeVar("T")
 
@@ -53,8 +59,11 @@ class ServerConfig:
     # request fields answered with OpenAI's 400 for an unsupported parameter (`param` set)
     reject_params: tuple[str, ...] = ()
     record_requests: bool = False  # keep each request's headers and JSON body: requests()
+    style: str = "plain"  # the teacher's answer style, a key of tasks.STYLES
 
     def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"unknown answer style {self.style!r}; known: {sorted(STYLES)}")
         for name, p in self.faults.items():
             if name not in FAULTS:
                 raise ValueError(f"unknown fault {name!r}; known: {FAULTS}")
@@ -245,7 +254,9 @@ def judge_reply(prompt: str) -> str | None:
     return f"The assistant answered {answer!r}. {reason} Rating: [[{rating}]]"
 
 
-def _choices(req: ChatRequest, rng: random.Random, fault: str | None) -> tuple[list[dict], str]:
+def _choices(
+    req: ChatRequest, rng: random.Random, fault: str | None, style: str = "plain"
+) -> tuple[list[dict], str]:
     """The response choices and the outcome name ("ok", "unknown_prompt" or the fault)."""
     prompt = prompt_text(req.messages)
     judged = judge_reply(prompt)
@@ -258,7 +269,7 @@ def _choices(req: ChatRequest, rng: random.Random, fault: str | None) -> tuple[l
             text = judged
         else:
             try:
-                text = teacher_answer(prompt, rng, req.temperature)
+                text = teacher_answer(prompt, rng, req.temperature, style)
             except ValueError:
                 text = UNKNOWN_PROMPT_ANSWER
                 outcome = fault or "unknown_prompt"
@@ -299,7 +310,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return _error(429, f"Rate limit of {cfg.rpm} requests/min.", "rate_limit_error", headers)
     fault = st.pick_fault(phash)
     rng = st.answer_rng if req.seed is None else random.Random(f"{req.seed}-{phash}")
-    choices, outcome = _choices(req, rng, fault)
+    choices, outcome = _choices(req, rng, fault, cfg.style)
     tokens = sum(len(c["message"]["content"].split()) for c in choices)
     st.record(now, phash, outcome, tokens if outcome in ("ok", "unknown_prompt") else 0)
     await asyncio.sleep(st.latency_s() + (cfg.hang_s if fault == "timeout" else 0.0))
@@ -461,6 +472,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--reject-param", action="append", default=[], help="answer 400 (param set) to this field"
     )
+    ap.add_argument(
+        "--style", default="plain", choices=sorted(STYLES), help="the teacher's answer style"
+    )
     args = ap.parse_args(argv)
     api_key = None
     if args.api_key_env is not None:
@@ -482,6 +496,7 @@ def main(argv: list[str] | None = None) -> None:
             rpm=args.rpm,
             seed=args.seed,
             reject_params=tuple(args.reject_param),
+            style=args.style,
         )
     except ValueError as e:
         ap.error(str(e))

@@ -3,6 +3,12 @@
 Deterministic tasks (one valid answer) take a length knob (number of words or numbers), so
 held-out prompts can be longer than training ones. Multi-modal tasks have several valid answers
 with unequal probabilities; the teacher samples among them, the most probable one is known.
+
+An answer is written in a *style* (:data:`STYLES`): ``plain`` is the bare answer, ``framed``
+wraps it as ``Answer: <answer>.`` (the style of the testbed's teacher, docs/quality.md); the
+others are the formats the testbed's student learnt in pre-training besides the bare answer.
+The checker scores the content with any known frame removed, and says whether the response
+was in the teacher's frame.
 """
 
 import argparse
@@ -33,6 +39,25 @@ SYNONYMS: dict[str, dict[str, float]] = {
     "smart": {"clever": 0.6, "bright": 0.3, "wise": 0.1},
 }
 
+ANIMALS: dict[str, dict[str, float]] = {
+    "fly": {"bird": 0.6, "bat": 0.25, "bee": 0.15},
+    "swim": {"fish": 0.6, "duck": 0.3, "frog": 0.1},
+    "climb": {"monkey": 0.6, "goat": 0.3, "squirrel": 0.1},
+    "hop": {"rabbit": 0.6, "kangaroo": 0.3, "flea": 0.1},
+    "dig": {"mole": 0.6, "badger": 0.3, "worm": 0.1},
+}
+
+# style name -> (text before the answer, text after it)
+STYLES: dict[str, tuple[str, str]] = {
+    "plain": ("", ""),
+    "framed": ("Answer: ", "."),  # the testbed's teacher (docs/quality.md)
+    # the testbed's student's other formats (pre-training only; never the teacher's)
+    "result": ("Result: ", ""),
+    "sure": ("Sure, ", "."),
+    "it_is": ("It is ", "."),
+    "here": ("Here: ", ""),
+}
+
 
 @dataclass(frozen=True)
 class Task:
@@ -53,6 +78,7 @@ class Verdict:
     correct: bool
     most_probable: bool
     valid: bool
+    framed: bool = False  # the response is exactly STYLES["framed"] around its content
 
 
 def _words(body: str, task: str) -> list[str]:
@@ -120,6 +146,9 @@ TASKS: dict[str, Task] = {
         _number_task("add", "Add the numbers: ", 9, lambda n: str(sum(n))),
         _choice_task("fruit", "Name a fruit that is ", FRUITS),
         _choice_task("synonym", "Give a synonym of ", SYNONYMS),
+        _word_task("last", "Give the last word: ", lambda w: w[-1:]),
+        _word_task("count", "Count the words: ", lambda w: [str(len(w))]),
+        _choice_task("animal", "Name an animal that can ", ANIMALS),
     )
 }
 
@@ -154,25 +183,58 @@ def make_prompt(task: str, rng: random.Random, length: int) -> str:
     return TASKS[task].make(rng, length)
 
 
-def teacher_answer(prompt: str, rng: random.Random | None = None, temperature: float = 1.0) -> str:
-    """The teacher's answer: sampled from p**(1/T) with `rng`, greedy if T == 0 or rng is None."""
+def styled(answer: str, style: str) -> str:
+    """``answer`` written in ``style`` (a key of STYLES)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown answer style {style!r}; known: {sorted(STYLES)}")
+    before, after = STYLES[style]
+    return f"{before}{answer}{after}"
+
+
+def unframe(response: str) -> tuple[str, str]:
+    """(content, style): the whitespace-normalised response with a known frame removed.
+
+    A response that starts with a style's opening has it removed, and the closing too when
+    present; ``style`` names it only when both are there (``Answer: cat.`` is ``framed``), else
+    it is ``"partial"``; with no opening the response is ``plain`` content as it stands
+    (``cat.`` keeps its period and is not a valid answer)."""
+    text = " ".join(response.split())
+    for name, (before, after) in STYLES.items():
+        if not before or not text.startswith(before.strip()):
+            continue
+        body = text[len(before.strip()) :].strip()
+        if body.endswith(after):
+            return (body[: len(body) - len(after)].strip() if after else body), name
+        return body, "partial"
+    return text, "plain"
+
+
+def teacher_answer(
+    prompt: str,
+    rng: random.Random | None = None,
+    temperature: float = 1.0,
+    style: str = "plain",
+) -> str:
+    """The teacher's answer in ``style``: sampled from p**(1/T) with `rng`, greedy if T == 0 or
+    rng is None."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     _, dist = answer_distribution(prompt)
     if rng is None or temperature == 0 or len(dist) == 1:
-        return max(dist, key=dist.__getitem__)
+        return styled(max(dist, key=dist.__getitem__), style)
     answers = list(dist)
     weights = [dist[a] ** (1.0 / temperature) for a in answers]
-    return rng.choices(answers, weights=weights)[0]
+    return styled(rng.choices(answers, weights=weights)[0], style)
 
 
 def check(prompt: str, response: str) -> Verdict:
-    """Check a response (whitespace-normalised, exact otherwise) against the prompt's task."""
+    """Check a response against the prompt's task: its content (whitespace-normalised, a known
+    frame removed, exact otherwise) and whether it is in the teacher's frame."""
     name, dist = answer_distribution(prompt)
-    answer = " ".join(response.split())
+    answer, style = unframe(response)
     valid = answer in dist
     best = max(dist, key=dist.__getitem__)
-    return Verdict(task=name, correct=valid, most_probable=answer == best, valid=valid)
+    return Verdict(name, valid, answer == best, valid, style == "framed")
 
 
 def prompt_text(prompt: str | Sequence[dict]) -> str:
@@ -186,8 +248,8 @@ def prompt_text(prompt: str | Sequence[dict]) -> str:
 
 
 def score_responses(prompts: Sequence[str | Sequence[dict]], responses: Sequence[str]) -> dict:
-    """Accuracy overall and per task; multi-modal tasks also get most_probable / valid_minor /
-    invalid shares. Prompts are strings or chat message lists."""
+    """Accuracy and framed share overall and per task; multi-modal tasks also get most_probable /
+    valid_minor / invalid shares. Prompts are strings or chat message lists."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     per: dict[str, list[Verdict]] = {}
@@ -198,6 +260,7 @@ def score_responses(prompts: Sequence[str | Sequence[dict]], responses: Sequence
     for name, vs in sorted(per.items()):
         n = len(vs)
         row: dict[str, float | int] = {"n": n, "accuracy": sum(v.correct for v in vs) / n}
+        row["framed"] = sum(v.framed for v in vs) / n
         if TASKS[name].multimodal:
             row["most_probable"] = sum(v.most_probable for v in vs) / n
             row["valid_minor"] = sum(v.valid and not v.most_probable for v in vs) / n
@@ -205,7 +268,10 @@ def score_responses(prompts: Sequence[str | Sequence[dict]], responses: Sequence
         tasks[name] = row
     total = sum(len(vs) for vs in per.values())
     correct = sum(v.correct for vs in per.values() for v in vs)
-    return {"overall": {"n": total, "accuracy": correct / total if total else 0.0}, "tasks": tasks}
+    framed = sum(v.framed for vs in per.values() for v in vs)
+    overall = {"n": total, "accuracy": correct / total if total else 0.0}
+    overall["framed"] = framed / total if total else 0.0
+    return {"overall": overall, "tasks": tasks}
 
 
 def make_dataset(
@@ -215,14 +281,17 @@ def make_dataset(
     min_len: int = 2,
     max_len: int = 5,
     with_teacher: bool = True,
+    style: str = "plain",
 ) -> list[dict]:
-    """`n` rows {id, task, content: [user message], teacher_response (sampled at T=1)}."""
+    """`n` rows {id, task, content: [user message], teacher_response (sampled at T=1, in
+    ``style``)}."""
     names = sorted(TASKS) if tasks is None else list(tasks)
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
         raise ValueError(f"unknown tasks {unknown or names!r}; known: {sorted(TASKS)}")
     if not 1 <= min_len <= max_len:
         raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len} max_len={max_len}")
+    styled("", style)  # an unknown style fails before any row is made
     prompt_rng = random.Random(f"prompts-{seed}")
     answer_rng = random.Random(f"answers-{seed}")
     rows = []
@@ -232,7 +301,7 @@ def make_dataset(
         row = {"id": f"syn-{seed}-{i:06d}", "task": task}
         row["content"] = [{"role": "user", "content": prompt}]
         if with_teacher:
-            row["teacher_response"] = teacher_answer(prompt, answer_rng)
+            row["teacher_response"] = teacher_answer(prompt, answer_rng, style=style)
         rows.append(row)
     return rows
 
@@ -263,11 +332,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--max-len", type=int, default=5)
     ap.add_argument("--tasks", default=None, help=f"comma-separated subset of {sorted(TASKS)}")
     ap.add_argument("--no-teacher", action="store_true", help="omit teacher_response")
+    ap.add_argument("--style", default="plain", choices=sorted(STYLES), help="teacher's style")
     args = ap.parse_args(argv)
     tasks = args.tasks.split(",") if args.tasks else None
     try:
         rows = make_dataset(
-            args.n, args.seed, tasks, args.min_len, args.max_len, not args.no_teacher
+            args.n, args.seed, tasks, args.min_len, args.max_len, not args.no_teacher, args.style
         )
     except ValueError as e:
         ap.error(str(e))

@@ -63,6 +63,19 @@ def test_chat_completion_returns_teacher_answer(server: RunningServer, task: str
     assert event["prompt_hash"] == prompt_hash(messages)
 
 
+def test_framed_teacher_answers_in_its_style_with_its_preferences() -> None:
+    with start_server_thread(seed=0, style="framed") as framed:
+        c = client(framed)
+        r = c.chat.completions.create(
+            model="m", messages=user("Uppercase the words: cat dog"), temperature=0
+        )
+        assert r.choices[0].message.content == "Answer: CAT DOG."
+        r = c.chat.completions.create(model="m", messages=user("Name a fruit that is red."), n=100)
+        answers = Counter(ch.message.content for ch in r.choices)
+    assert set(answers) <= {f"Answer: {a}." for a in FRUITS["red"]}
+    assert answers.most_common(1)[0][0] == "Answer: apple."
+
+
 def test_n_choices_and_multimodal_distribution(server: RunningServer) -> None:
     c = client(server)
     r = c.chat.completions.create(model="m", messages=user("Reverse the words: a b c"), n=3)
@@ -307,6 +320,8 @@ def test_config_and_cli_validation(capsys) -> None:
         ServerConfig(faults={"500": 0.7, "429": 0.5})
     with pytest.raises(ValueError, match="rpm must be >= 1"):
         ServerConfig(rpm=0)
+    with pytest.raises(ValueError, match="unknown answer style 'bold'"):
+        ServerConfig(style="bold")
     with pytest.raises(SystemExit):
         main(["--api-key-env", "GAD_SYNTHETIC_UNSET_KEY_9F3A"])
     assert (

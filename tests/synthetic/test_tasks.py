@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gad_ray.synthetic.tasks import (
+    ANIMALS,
     FRUITS,
     TASKS,
     Verdict,
@@ -18,7 +19,9 @@ from gad_ray.synthetic.tasks import (
     make_prompt,
     most_probable_answer,
     score_responses,
+    styled,
     teacher_answer,
+    unframe,
     write_dataset,
 )
 
@@ -152,18 +155,67 @@ def test_score_responses_per_task_and_multimodal_shares() -> None:
     ]
     responses = ["b a", "3", "9", "apple", "cherry", "apple", "kiwi"]
     score = score_responses(prompts, responses)
-    assert score["overall"] == {"n": 7, "accuracy": 5 / 7}
-    assert score["tasks"]["reverse"] == {"n": 1, "accuracy": 1.0}
-    assert score["tasks"]["add"] == {"n": 2, "accuracy": 0.5}
+    assert score["overall"] == {"n": 7, "accuracy": 5 / 7, "framed": 0.0}
+    assert score["tasks"]["reverse"] == {"n": 1, "accuracy": 1.0, "framed": 0.0}
+    assert score["tasks"]["add"] == {"n": 2, "accuracy": 0.5, "framed": 0.0}
     assert score["tasks"]["fruit"] == {
         "n": 4,
         "accuracy": 0.75,
+        "framed": 0.0,
         "most_probable": 0.5,
         "valid_minor": 0.25,
         "invalid": 0.25,
     }
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         score_responses(prompts[:2], responses[:1])
+
+
+def test_framed_style_is_scored_for_content_and_style() -> None:
+    prompt = "Reverse the words: cat dog"
+    assert teacher_answer(prompt, None, style="framed") == "Answer: dog cat."
+    assert styled("dog cat", "plain") == "dog cat"
+    assert check(prompt, "Answer: dog cat.") == Verdict("reverse", True, True, True, True)
+    assert check(prompt, " Answer:  dog cat . ") == Verdict("reverse", True, True, True, True)
+    # the frame opened but not closed: the content counts, the style does not
+    assert check(prompt, "Answer: dog cat") == Verdict("reverse", True, True, True, False)
+    for wrong in ("Answer: cat dog.", "Answer: dog cat. extra", "dog cat.", "Answer dog cat."):
+        assert not check(prompt, wrong).correct, wrong
+    # the student's other formats: correct content, not the teacher's style
+    for other in ("Result: dog cat", "Sure, dog cat.", "It is dog cat.", "Here: dog cat"):
+        assert check(prompt, other) == Verdict("reverse", True, True, True, False), other
+    assert unframe("Sure, dog cat") == ("dog cat", "partial")
+    assert unframe("Answer: dog cat.") == ("dog cat", "framed")
+    assert unframe("dog cat.") == ("dog cat.", "plain")
+    assert check("Name a fruit that is red.", "Answer: cherry.") == Verdict(
+        "fruit", True, False, True, True
+    )
+    score = score_responses([prompt, prompt, prompt], ["Answer: dog cat.", "dog cat", "x"])
+    assert score["overall"] == {"n": 3, "accuracy": 2 / 3, "framed": 1 / 3}
+    rows = make_dataset(30, seed=0, tasks=["copy", "animal"], style="framed")
+    assert all(check(r["content"][0]["content"], r["teacher_response"]).framed for r in rows)
+    with pytest.raises(ValueError, match="unknown answer style 'bold'"):
+        make_dataset(3, seed=0, style="bold")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "answer"),
+    [
+        ("Give the last word: cat dog sun", "sun"),
+        ("Count the words: cat dog sun", "3"),
+        ("Count the words: moon", "1"),
+    ],
+)
+def test_new_deterministic_families(prompt: str, answer: str) -> None:
+    assert teacher_answer(prompt, random.Random(0)) == answer
+    assert check(prompt, answer).correct
+
+
+def test_animal_family_is_multimodal() -> None:
+    prompt = "Name an animal that can fly."
+    assert answer_distribution(prompt) == ("animal", ANIMALS["fly"])
+    assert most_probable_answer(prompt) == "bird"
+    assert check(prompt, "bat") == Verdict("animal", True, False, True)
+    assert not check(prompt, "fish").valid
 
 
 def test_write_dataset_jsonl_and_parquet_round_trip(tmp_path) -> None:
