@@ -26,7 +26,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check gad_ray tests bench
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check gad_ray tests bench && $(VENV)/bin/ruff format --check gad_ray tests bench
