@@ -32,10 +32,10 @@ from gad_ray.driver.roles import Roles, preflight
 from gad_ray.driver.sampler import RESTARTABLE, Sampler
 from gad_ray.driver.samples import eval_samples
 from gad_ray.driver.setup import TeacherData, init_ray, load_eval_set
-from gad_ray.driver.stages import Stage, StepInput, prefix
 from gad_ray.export.convert import export_dir
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
 from gad_ray.plan import check_fits
+from gad_ray.recipes.stages import Stage, StepInput, prefix
 from gad_ray.teacher.fetcher import TeacherError
 
 # metric prefix and timer phase of each learner role's update

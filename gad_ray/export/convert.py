@@ -32,7 +32,7 @@ import yaml
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from gad_ray.config.schema import Config, InputError, LoraSpec, ModelSpec, validate_config
+from gad_ray.config.schema import Config, InputError, LoraSpec, ModelSpec
 from gad_ray.discriminator.model import (
     DiscriminatorModel,
     discriminator_config,
@@ -56,6 +56,7 @@ from gad_ray.learner.lora import (
 from gad_ray.learner.proxy import proxy_view
 from gad_ray.learner.shared import D_STATE
 from gad_ray.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from gad_ray.validate import validate_config
 
 ROLES = ("generator", "discriminator", "proxy")  # the learner roles a checkpoint may hold
 SOURCE_FILE = "gad_export.json"  # in an export: the checkpoint it came from

@@ -46,6 +46,7 @@ from gad_ray.plan.learners import (
     vllm_bytes,
 )
 from gad_ray.plan.units import GiB, gib, ranges
+from gad_ray.validate import check_config
 
 PROCESS_OVERHEAD = 1.5 * GiB  # per process holding a GPU
 PHASES = ("generate", "D update", "G update")
@@ -263,14 +264,15 @@ def _candidates(cfg: Config) -> list[tuple[str, Any]]:
 
 
 def with_override(cfg: Config, key: str, value: Any) -> Config:
-    """``cfg`` with the dotted ``key`` set to ``value``, validated (ValidationError if invalid)."""
+    """``cfg`` with the dotted ``key`` set to ``value``, validated (ValidationError or
+    ConfigError if invalid)."""
     raw = cfg.model_dump()
     node = raw
     *parents, leaf = key.split(".")
     for p in parents:
         node = node[p]
     node[leaf] = value
-    return Config.model_validate(raw)
+    return check_config(Config.model_validate(raw))
 
 
 def _fixes(cfg: Config, gpu: int, phase: str, need: float) -> str:

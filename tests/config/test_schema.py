@@ -6,7 +6,8 @@ import pytest
 
 from gad_ray import recipes
 from gad_ray.config.hydra_app import compose
-from gad_ray.config.schema import Config, ConfigError, validate_config
+from gad_ray.config.schema import Config, ConfigError
+from gad_ray.validate import validate_config
 
 
 def _raw(**over) -> dict:

@@ -97,8 +97,8 @@ def test_training_batches_eval_set_and_gad_eval_prompts_use_it(
 
 
 def test_the_exported_tokenizer_carries_the_template(tmp_path, tiny_model_dir):
-    from gad_ray.config.schema import validate_config
     from gad_ray.learner import GeneratorGroup
+    from gad_ray.validate import validate_config
 
     raw = {
         "model": {"student": {"path": str(tiny_model_dir)}},

@@ -12,7 +12,6 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from transformers import AutoModel, AutoModelForCausalLM
 
 from gad_ray.algorithms import bt_loss
-from gad_ray.config.schema import validate_config
 from gad_ray.discriminator.learner import DiscriminatorGroup
 from gad_ray.discriminator.model import discriminator_config, new_head
 from gad_ray.learner import GeneratorGroup
@@ -25,6 +24,7 @@ from gad_ray.learner.lora import (
     relative_key,
 )
 from gad_ray.learner.shared import SharedGroup
+from gad_ray.validate import validate_config
 from tests.learner.conftest import (
     ReferenceTrainer,
     assert_metrics_close,
