@@ -28,8 +28,9 @@ from gad_ray.discriminator.model import (
     discriminator_source,
     last_response_index,
 )
+from gad_ray.learner.backends import build_engine
 from gad_ray.learner.checkpoint import export_hf
-from gad_ray.learner.engine import MASTER_DTYPE, build_engine, compute_dtype
+from gad_ray.learner.engine import MASTER_DTYPE, compute_dtype
 from gad_ray.learner.group import LearnerGroup
 from gad_ray.learner.load_once import empty_tensors, reads_weights
 from gad_ray.learner.lora import (
