@@ -26,7 +26,6 @@ from gad_ray.discriminator.model import (
     DiscriminatorModel,
     check_discriminator_tokenizer,
     discriminator_source,
-    last_response_index,
 )
 from gad_ray.learner.backends import build_engine
 from gad_ray.learner.checkpoint import export_hf
@@ -43,6 +42,7 @@ from gad_ray.learner.lora import (
 from gad_ray.learner.packing import MicroBatch, discriminator_scores
 from gad_ray.learner.worker import LearnerWorker
 from gad_ray.models.loading import load_tokenizer, model_max_context
+from gad_ray.models.score_head import last_response_index
 from gad_ray.placement import RolePlacement
 
 

@@ -38,12 +38,12 @@ from gad_ray.discriminator.model import (
     discriminator_config,
     discriminator_source,
 )
+from gad_ray.discriminator.shared import D_STATE
 from gad_ray.driver import state as st
 from gad_ray.learner.checkpoint import export_hf
 from gad_ray.learner.deepspeed_engine import CHECKPOINT_TAG
 from gad_ray.learner.engine import _DTYPES, MASTER_DTYPE, compute_dtype, to_masters
 from gad_ray.learner.lora import (
-    BASE_POINTER,
     DISCRIMINATOR,
     GENERATOR,
     AdapterModel,
@@ -54,7 +54,7 @@ from gad_ray.learner.lora import (
     is_base_param,
 )
 from gad_ray.learner.proxy import proxy_view
-from gad_ray.learner.shared import D_STATE
+from gad_ray.models.adapter_files import BASE_POINTER
 from gad_ray.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from gad_ray.validate import validate_config
 

@@ -29,9 +29,9 @@ from gad_ray.config.schema import Config, LoraSpec
 from gad_ray.data.batch import TokenBatch
 from gad_ray.learner.checkpoint import load_rank_state, save_rank_state
 from gad_ray.learner.engine import Engine
-from gad_ray.learner.lora import check_base_pointer, write_base_pointer
 from gad_ray.learner.packing import MicroBatch, attn_implementation, micro_batch, use_packing
 from gad_ray.memory import memory_stats
+from gad_ray.models.adapter_files import check_base_pointer, write_base_pointer
 
 # (global rows of the micro-batch, micro-batch) -> (loss already divided by the global
 # denominators, additive metric sums)

@@ -66,8 +66,8 @@ def build_learners(
     """On each rank: G with its reference, D, then (LoRA) G's adapter stack and, under FSDP2,
     the shared base; what each holds, full, and the weight files this rank opened."""
     from gad_ray.discriminator.learner import DiscriminatorWorker
+    from gad_ray.discriminator.shared import SharedWorker
     from gad_ray.learner.generator import GeneratorWorker
-    from gad_ray.learner.shared import SharedWorker
 
     out: dict = {}
     cfg = _cfg(model_dir, backend, stage, dtype, lora=False)
