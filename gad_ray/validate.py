@@ -1,5 +1,5 @@
 """The whole check of a config, run at start by every entry point (the console scripts through
-:mod:`gad_ray.config.hydra_app`, ``compose``, the memory plan): the schema's own checks
+:mod:`gad_ray.hydra_app`, ``compose``, the memory plan): the schema's own checks
 (:func:`gad_ray.config.schema.parse_config`), then what needs the layers above the schema: the
 algorithm's recipe and its checks, the roles it runs, and the student's shape. It sits above
 :mod:`gad_ray.recipes` and :mod:`gad_ray.models`, so the schema imports neither.

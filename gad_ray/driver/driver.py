@@ -23,9 +23,9 @@ from typing import Any
 import ray
 
 from gad_ray import recipes
+from gad_ray import run_dir as st
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, make_batch
-from gad_ray.driver import state as st
 from gad_ray.driver.guards import Guards
 from gad_ray.driver.metrics import MetricsLogger, plot_metrics
 from gad_ray.driver.roles import Roles, preflight

@@ -1,7 +1,7 @@
 """Any training checkpoint to a standard Hugging Face folder, offline on CPU (``gad-export``).
 
 A checkpoint is what the driver writes under ``<run_dir>/checkpoints/step_N/<role>/``
-(:mod:`gad_ray.driver.state`): the role's fp32 masters, optimizer state and frozen models,
+(:mod:`gad_ray.run_dir`): the role's fp32 masters, optimizer state and frozen models,
 sharded by torch DCP (FSDP2, ``dcp/``) or DeepSpeed ZeRO-2/3 (``deepspeed/``), all weights or
 only the LoRA adapters (plus ``lora_base.json``, the base they apply to). This module reads the
 trained weights back whole without a process group (DCP's planner that rebuilds the state from
@@ -32,6 +32,7 @@ import yaml
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from gad_ray import run_dir as st
 from gad_ray.config.schema import Config, InputError, LoraSpec, ModelSpec
 from gad_ray.discriminator.model import (
     DiscriminatorModel,
@@ -39,7 +40,6 @@ from gad_ray.discriminator.model import (
     discriminator_source,
 )
 from gad_ray.discriminator.shared import D_STATE
-from gad_ray.driver import state as st
 from gad_ray.learner.checkpoint import export_hf
 from gad_ray.learner.deepspeed_engine import CHECKPOINT_TAG
 from gad_ray.learner.engine import _DTYPES, MASTER_DTYPE, compute_dtype, to_masters

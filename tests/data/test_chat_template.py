@@ -8,13 +8,13 @@ import pytest
 import ray
 from transformers import AutoTokenizer
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import ConfigError, DataConfig
 from gad_ray.data.dataset import DataError, Example
 from gad_ray.data.tokenize import encode_prompt, tokenize_examples
 from gad_ray.driver.setup import TeacherData, load_eval_set
 from gad_ray.eval.generate import prompt_ids
 from gad_ray.eval.sets import EvalItem
+from gad_ray.hydra_app import compose
 from gad_ray.models.loading import load_tokenizer
 
 TEMPLATE = (

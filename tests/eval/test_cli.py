@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.data.dataset import DataError
 from gad_ray.eval.cli import EvalError, run_eval
 from gad_ray.eval.metrics import mean_ci, ngram_f1
+from gad_ray.hydra_app import compose
 from gad_ray.models.loading import ModelLoadError
 from gad_ray.synthetic.judge import NO_RATING_MARKER
 from gad_ray.synthetic.server import RunningServer, start_server_thread
