@@ -1,4 +1,4 @@
-"""Config schema (pydantic) and Hydra composition; the whole check is :mod:`gad_ray.validate`."""
+"""The config schema (pydantic); composition is :mod:`gad_ray.hydra_app`, the whole check :mod:`gad_ray.validate`."""
 
 from gad_ray.config.schema import Config, ConfigError, parse_config
 
