@@ -25,8 +25,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("algorithms", "config", "futures", "memory"),  # torch-only losses; the schema; utilities
     ("data", "models", "placement", "run_dir"),  # batches, models/LoRA files, pools, run dir
     ("rollout",),  # vLLM / HF workers, weight sync (receivers)
-    ("learner", "recipes"),  # learner infra + G + proxy; the algorithms as stages
-    ("discriminator", "validate"),  # D and the shared G+D group; the whole config check
+    ("learner",),  # learner infrastructure, engines, LoRA stacks, G and the Proxy-KD proxy
+    ("discriminator",),  # D and the one group of G and D over a shared LoRA base
+    ("recipes",),  # the algorithms as stages (a recipe may name the learner groups it needs)
+    ("validate",),  # the whole config check (the recipes' own checks, model shapes)
     ("export", "hydra_app", "plan"),  # checkpoints -> HF; composition + CLI entry; memory plan
     ("teacher",),  # fetcher actor, cache (its CLI uses hydra_app)
     ("eval",),  # gad-eval (exports checkpoints, asks the teacher API)
