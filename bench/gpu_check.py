@@ -140,9 +140,9 @@ def versions() -> str:
 # -- (b) GAD end to end ---------------------------------------------------------------------------
 def gad_run(args: argparse.Namespace, model: str) -> tuple[list[dict], float]:
     """A few warmup + GAD steps through the real driver; its step records and wall seconds."""
-    from gad_ray.config.hydra_app import compose
     from gad_ray.driver.driver import train
     from gad_ray.driver.metrics import read_metrics
+    from gad_ray.hydra_app import compose
 
     run_dir = Path(args.work_dir) / "gad-run"
     shutil.rmtree(run_dir, ignore_errors=True)

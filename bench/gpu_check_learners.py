@@ -121,10 +121,10 @@ def learner_steps(args: argparse.Namespace, model: str, deadline: float) -> list
     """SFT, GRPO (generator) and BT (discriminator) steps: weights moved, step time, tokens/s."""
     from transformers import AutoConfig
 
-    from gad_ray.config.hydra_app import compose
     from gad_ray.data.batch import concat_batches
     from gad_ray.discriminator import DiscriminatorGroup
     from gad_ray.driver.setup import cpus_per_actor
+    from gad_ray.hydra_app import compose
     from gad_ray.learner import GeneratorGroup
     from gad_ray.models.loading import load_tokenizer, resolve_model_path
     from gad_ray.placement import plan_placement, release

@@ -32,7 +32,7 @@ QWEN25_05B = dict(
 
 # -- CPU: the learner groups ----------------------------------------------------------------------
 def _config(backend: str, ranks: int, rows: int) -> object:
-    from gad_ray.config.schema import validate_config
+    from gad_ray.validate import validate_config
 
     raw = {
         "model": {"student": {"path": "tiny:small"}},

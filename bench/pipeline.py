@@ -58,9 +58,9 @@ def pin(actor: Any, cores: list[int]) -> None:
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> list[dict]:
-    from gad_ray.config.hydra_app import compose
     from gad_ray.driver.driver import Driver
     from gad_ray.driver.metrics import read_metrics
+    from gad_ray.hydra_app import compose
 
     run_dir = Path(args.out) / mode
     overrides = [
@@ -164,9 +164,9 @@ def generator_path(overrides: list[str], repeats: int = 5) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
     from gad_ray.algorithms import aggregate_loss, kl_penalty, ppo_clip_loss
-    from gad_ray.config.hydra_app import compose
     from gad_ray.data.batch import make_batch
     from gad_ray.driver.setup import cpus_per_actor
+    from gad_ray.hydra_app import compose
     from gad_ray.learner.generator import GeneratorGroup
     from gad_ray.models.loading import resolve_model_path
     from gad_ray.rollout.group import RolloutGroup

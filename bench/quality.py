@@ -47,9 +47,9 @@ if str(ROOT) not in sys.path:  # `python bench/quality.py` from anywhere imports
 
 from bench.quality_report import aggregate, markdown, plot  # noqa: E402
 from bench.quality_score import Scorer, score_teacher  # noqa: E402
-from gad_ray.config.hydra_app import compose  # noqa: E402
 from gad_ray.driver.driver import train  # noqa: E402
 from gad_ray.driver.metrics import read_metrics  # noqa: E402
+from gad_ray.hydra_app import compose  # noqa: E402
 from gad_ray.models.loading import resolve_model_path  # noqa: E402
 from gad_ray.synthetic.server import start_server_thread  # noqa: E402
 from gad_ray.synthetic.student import (  # noqa: E402

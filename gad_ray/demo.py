@@ -21,8 +21,8 @@ import time
 
 from transformers import AutoModelForCausalLM
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.driver.driver import train
+from gad_ray.hydra_app import compose
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
 from gad_ray.synthetic.server import start_server_thread
 from gad_ray.synthetic.student import testbed_scores

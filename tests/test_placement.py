@@ -4,9 +4,9 @@ import pytest
 import ray
 
 from gad_ray import recipes
-from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import ConfigError
 from gad_ray.driver.roles import Roles
+from gad_ray.hydra_app import compose
 from gad_ray.placement import plan_placement, release
 
 GAD = ("rollout", "generator", "discriminator")

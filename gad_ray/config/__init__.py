@@ -1,5 +1,5 @@
-"""Config schema (pydantic) and Hydra composition."""
+"""The config schema (pydantic); composition is :mod:`gad_ray.hydra_app`, the whole check :mod:`gad_ray.validate`."""
 
-from gad_ray.config.schema import Config, ConfigError, validate_config
+from gad_ray.config.schema import Config, ConfigError, parse_config
 
-__all__ = ["Config", "ConfigError", "validate_config"]
+__all__ = ["Config", "ConfigError", "parse_config"]

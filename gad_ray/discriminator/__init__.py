@@ -6,8 +6,8 @@ from gad_ray.discriminator.model import (
     DiscriminatorModel,
     check_discriminator_tokenizer,
     discriminator_source,
-    last_response_index,
 )
+from gad_ray.models.score_head import last_response_index
 
 __all__ = [
     "DiscriminatorGroup",

@@ -17,8 +17,8 @@ from transformers import AutoConfig, GenerationConfig
 
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch
-from gad_ray.discriminator.model import last_response_index
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
+from gad_ray.models.score_head import last_response_index
 
 
 def _ids(value: int | list[int] | None) -> set[int]:

@@ -26,10 +26,10 @@ from gad_ray.discriminator.model import (
     DiscriminatorModel,
     check_discriminator_tokenizer,
     discriminator_source,
-    last_response_index,
 )
+from gad_ray.learner.backends import build_engine
 from gad_ray.learner.checkpoint import export_hf
-from gad_ray.learner.engine import MASTER_DTYPE, build_engine, compute_dtype
+from gad_ray.learner.engine import MASTER_DTYPE, compute_dtype
 from gad_ray.learner.group import LearnerGroup
 from gad_ray.learner.load_once import empty_tensors, reads_weights
 from gad_ray.learner.lora import (
@@ -42,6 +42,7 @@ from gad_ray.learner.lora import (
 from gad_ray.learner.packing import MicroBatch, discriminator_scores
 from gad_ray.learner.worker import LearnerWorker
 from gad_ray.models.loading import load_tokenizer, model_max_context
+from gad_ray.models.score_head import last_response_index
 from gad_ray.placement import RolePlacement
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from gad_ray.config.hydra_app import hydra_entry
 from gad_ray.driver.driver import TrainingAborted, train
+from gad_ray.hydra_app import hydra_entry
 
 
 def _train(cfg) -> None:

@@ -23,19 +23,19 @@ from typing import Any
 import ray
 
 from gad_ray import recipes
+from gad_ray import run_dir as st
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, make_batch
-from gad_ray.driver import state as st
 from gad_ray.driver.guards import Guards
 from gad_ray.driver.metrics import MetricsLogger, plot_metrics
 from gad_ray.driver.roles import Roles, preflight
 from gad_ray.driver.sampler import RESTARTABLE, Sampler
 from gad_ray.driver.samples import eval_samples
 from gad_ray.driver.setup import TeacherData, init_ray, load_eval_set
-from gad_ray.driver.stages import Stage, StepInput, prefix
 from gad_ray.export.convert import export_dir
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
 from gad_ray.plan import check_fits
+from gad_ray.recipes.stages import Stage, StepInput, prefix
 from gad_ray.teacher.fetcher import TeacherError
 
 # metric prefix and timer phase of each learner role's update

@@ -254,8 +254,8 @@ class Roles:
         ``learner.shared_base`` and both G and D among the ``alive`` roles, the one group that
         serves both (built with G's options, in G's place)."""
         from gad_ray.discriminator.learner import DiscriminatorGroup
+        from gad_ray.discriminator.shared import SharedGroup
         from gad_ray.learner.generator import GeneratorGroup
-        from gad_ray.learner.shared import SharedGroup
 
         if name in SHARED_ROLES and SHARED_ROLES <= set(alive) and self.cfg.learner.shared_base:
             name = "generator"

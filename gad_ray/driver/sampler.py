@@ -31,8 +31,8 @@ from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, make_batch
 from gad_ray.data.tokenize import TokenizedExample
 from gad_ray.driver.roles import Roles
-from gad_ray.driver.stages import Sampling, StepInput
 from gad_ray.learner.group import LearnerError
+from gad_ray.recipes.stages import Sampling, StepInput
 from gad_ray.rollout.group import RolloutWorkersLost
 from gad_ray.rollout.types import Sample
 from gad_ray.rollout.weight_sync import WeightSyncError

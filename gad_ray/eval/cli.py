@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 from gad_ray.config import Config
-from gad_ray.config.hydra_app import hydra_entry
 from gad_ray.config.schema import EvalModelSpec
 from gad_ray.data.dataset import DataError
 from gad_ray.eval.generate import Response, check_model, generate_api, generate_model, model_name
@@ -31,6 +30,7 @@ from gad_ray.eval.metrics import ngram_f1, rouge_l, words
 from gad_ray.eval.report import markdown, write_report
 from gad_ray.eval.sets import EvalSet, load_set
 from gad_ray.export.convert import SOURCE_FILE, export_checkpoint, is_checkpoint, locate
+from gad_ray.hydra_app import hydra_entry
 from gad_ray.models.loading import ModelLoadError
 from gad_ray.teacher.cache import ResponseCache
 from gad_ray.teacher.fetcher import Fetcher, TeacherError, read_api_key

@@ -1,7 +1,7 @@
 """Any training checkpoint to a standard Hugging Face folder, offline on CPU (``gad-export``).
 
 A checkpoint is what the driver writes under ``<run_dir>/checkpoints/step_N/<role>/``
-(:mod:`gad_ray.driver.state`): the role's fp32 masters, optimizer state and frozen models,
+(:mod:`gad_ray.run_dir`): the role's fp32 masters, optimizer state and frozen models,
 sharded by torch DCP (FSDP2, ``dcp/``) or DeepSpeed ZeRO-2/3 (``deepspeed/``), all weights or
 only the LoRA adapters (plus ``lora_base.json``, the base they apply to). This module reads the
 trained weights back whole without a process group (DCP's planner that rebuilds the state from
@@ -32,18 +32,18 @@ import yaml
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from gad_ray.config.schema import Config, InputError, LoraSpec, ModelSpec, validate_config
+from gad_ray import run_dir as st
+from gad_ray.config.schema import Config, InputError, LoraSpec, ModelSpec
 from gad_ray.discriminator.model import (
     DiscriminatorModel,
     discriminator_config,
     discriminator_source,
 )
-from gad_ray.driver import state as st
+from gad_ray.discriminator.shared import D_STATE
 from gad_ray.learner.checkpoint import export_hf
 from gad_ray.learner.deepspeed_engine import CHECKPOINT_TAG
 from gad_ray.learner.engine import _DTYPES, MASTER_DTYPE, compute_dtype, to_masters
 from gad_ray.learner.lora import (
-    BASE_POINTER,
     DISCRIMINATOR,
     GENERATOR,
     AdapterModel,
@@ -54,8 +54,9 @@ from gad_ray.learner.lora import (
     is_base_param,
 )
 from gad_ray.learner.proxy import proxy_view
-from gad_ray.learner.shared import D_STATE
+from gad_ray.models.adapter_files import BASE_POINTER
 from gad_ray.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from gad_ray.validate import validate_config
 
 ROLES = ("generator", "discriminator", "proxy")  # the learner roles a checkpoint may hold
 SOURCE_FILE = "gad_export.json"  # in an export: the checkpoint it came from

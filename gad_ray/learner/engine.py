@@ -2,7 +2,8 @@
 
 An :class:`Engine` owns one trainable model plus its optimizer and LR schedule on one rank of
 an initialised ``torch.distributed`` group. Workers only ever call the methods below, so a
-backend (FSDP2 here, DeepSpeed in ``deepspeed_engine.py``) is a drop-in replacement.
+backend (FSDP2 here, DeepSpeed in ``deepspeed_engine.py``; ``backends.py`` picks one) is a
+drop-in replacement.
 
 Precision: trained weights and optimizer state are fp32 ``MASTER_DTYPE``; the model spec's
 ``dtype`` is only the COMPUTE dtype (FSDP2 ``MixedPrecisionPolicy(param_dtype=compute,
@@ -45,7 +46,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from gad_ray.config.schema import LearnerConfig, ModelSpec, OptimConfig
-from gad_ray.learner import checkpoint
+from gad_ray.learner.checkpoint import load_sharded, save_sharded
 from gad_ray.learner.load_once import load_shards, reads_weights
 from gad_ray.learner.offload import CPU, move_module, move_optimizer_state, synchronize
 from gad_ray.learner.optim import build_optimizer, build_scheduler, set_base_lr
@@ -308,11 +309,11 @@ class FSDP2Engine(Engine):
 
     def save(self, path: str, frozen: dict[str, nn.Module]) -> None:
         args = (self.module, self.optimizer, self.scheduler, frozen, self.saved)
-        checkpoint.save_sharded(path, *args)
+        save_sharded(path, *args)
 
     def load(self, path: str, frozen: dict[str, nn.Module]) -> None:
         args = (self.module, self.optimizer, self.scheduler, frozen, self.saved)
-        checkpoint.load_sharded(path, *args)
+        load_sharded(path, *args)
 
     def copy_params_to(self, frozen: nn.Module) -> None:
         reshard(self.module)
@@ -333,34 +334,11 @@ class FSDP2Engine(Engine):
                 local(params[dst]).copy_(local(params[src]))
 
 
-def build_engine(
-    model: nn.Module,
-    lcfg: LearnerConfig,
-    ocfg: OptimConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    total_steps: int | None = None,
-    saved: Selector | None = None,
-) -> Engine:
-    """The engine of ``lcfg.backend`` training the parameters of ``model`` (an unwrapped
-    HF-style model) that require grad, as fp32 masters, with ``dtype`` compute; ``saved`` picks
-    the parameters its checkpoints hold (default: all)."""
-    if lcfg.backend == "deepspeed":
-        from gad_ray.learner.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, lcfg, ocfg, device, dtype, total_steps, saved)
-    return FSDP2Engine(model, lcfg, ocfg, device, dtype, total_steps, saved=saved)
-
-
-def build_frozen(
+def build_frozen_fsdp(
     model: nn.Module, lcfg: LearnerConfig, device: torch.device, dtype: torch.dtype
 ) -> nn.Module:
-    """A forward-only copy in the compute ``dtype``, sharded like the trained model
-    (``learner.reference_offload`` on GPU keeps its shards on CPU)."""
+    """A forward-only FSDP2 copy in the compute ``dtype`` (``learner.reference_offload`` on GPU
+    keeps its shards on CPU); see :func:`gad_ray.learner.backends.build_frozen`."""
     model.requires_grad_(False).to(dtype)
-    if lcfg.backend == "deepspeed":
-        from gad_ray.learner.deepspeed_engine import build_frozen_deepspeed
-
-        return build_frozen_deepspeed(model, lcfg, device, dtype)
     offload = lcfg.reference_offload and device.type == "cuda"
     return _shard(model, device, dtype, offload).eval()

@@ -30,8 +30,9 @@ from gad_ray.algorithms import (
 )
 from gad_ray.config.schema import Config, LoraSpec
 from gad_ray.data.batch import TokenBatch
-from gad_ray.learner import checkpoint
-from gad_ray.learner.engine import MASTER_DTYPE, build_engine, build_frozen, compute_dtype
+from gad_ray.learner.backends import build_engine, build_frozen
+from gad_ray.learner.checkpoint import export_hf
+from gad_ray.learner.engine import MASTER_DTYPE, compute_dtype
 from gad_ray.learner.group import LearnerGroup
 from gad_ray.learner.load_once import empty_tensors, reads_weights
 from gad_ray.learner.lora import (
@@ -304,7 +305,7 @@ class GeneratorWorker(LearnerWorker):
             if self.cfg.data.chat_template:  # the template the prompts were trained with
                 tok.chat_template = self.cfg.data.chat_template
             if keep is None:
-                checkpoint.export_hf(path, state, self.hf_config, tok, base=self.model_path)
+                export_hf(path, state, self.hf_config, tok, base=self.model_path)
             else:
                 export_lora(path, state, GENERATOR, spec.lora, adapter, self.engine.dtype, tok)
         dist.barrier()

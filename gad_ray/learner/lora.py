@@ -20,7 +20,6 @@ lora_A.weight``, the names of ``adapter_model.safetensors``), which vLLM's LoRA 
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -38,10 +37,14 @@ from transformers import (
 )
 
 from gad_ray.config.schema import LoraSpec
+from gad_ray.models.adapter_files import (
+    save_adapter,
+    write_base_pointer,
+)
 from gad_ray.models.loading import resolve_model_path
+from gad_ray.models.score_head import head_scores
 
 GENERATOR, REFERENCE, DISCRIMINATOR = "generator", "reference", "discriminator"
-BASE_POINTER = "lora_base.json"  # in a LoRA checkpoint / adapter export: which base it needs
 
 
 def peft_config(spec: LoraSpec) -> LoraConfig:
@@ -203,37 +206,6 @@ def adapter_config(model: nn.Module, adapter: str, base_path: str) -> dict[str, 
     return json.loads(json.dumps(config, default=sorted))  # sets -> sorted lists
 
 
-def save_adapter(path: str, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    """Write peft's adapter directory: ``adapter_model.safetensors`` + ``adapter_config.json``."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, f"{path}/adapter_model.safetensors")
-    with open(f"{path}/adapter_config.json", "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def write_base_pointer(path: str, base: str, specs: dict[str, LoraSpec]) -> None:
-    """Record in ``path`` the base model the adapters there apply to, and their specs."""
-    os.makedirs(path, exist_ok=True)
-    pointer = {"base": base, "adapters": {k: s.model_dump() for k, s in specs.items()}}
-    with open(os.path.join(path, BASE_POINTER), "w") as f:
-        json.dump(pointer, f, indent=2)
-
-
-def check_base_pointer(path: str, base: str) -> None:
-    """Raise when the checkpoint in ``path`` holds adapters of another base than ``base``."""
-    file = os.path.join(path, BASE_POINTER)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path!r} is not a LoRA checkpoint: {file!r} is missing")
-    with open(file) as f:
-        saved = json.load(f)["base"]
-    if saved != base:
-        raise ValueError(
-            f"the LoRA checkpoint {path!r} holds adapters of the base {saved!r}, not {base!r}"
-        )
-
-
 class AdapterModel(nn.Module):
     """A causal LM with named LoRA adapters (``lm``, a ``PeftModel``) and, when D shares the
     base, D's scalar head (``score``). The root module the engines shard and train."""
@@ -259,8 +231,6 @@ class AdapterModel(nn.Module):
         hidden state through ``score``), else the causal LM's output (``.logits``, for the last
         ``logits_to_keep`` positions when > 0, or those it lists). Packed sequences:
         ``position_ids``, no ``attention_mask`` (:mod:`gad_ray.learner.packing`)."""
-        from gad_ray.discriminator.model import head_scores  # (it imports the learner package)
-
         with active_adapter(self.lm, adapter):
             if adapter == DISCRIMINATOR:
                 backbone = self.lm.get_base_model().model

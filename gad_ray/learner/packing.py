@@ -34,6 +34,7 @@ from gad_ray.algorithms import (
     topk_kl_from_targets,
 )
 from gad_ray.data.batch import TokenBatch
+from gad_ray.models.score_head import last_response_index
 
 # attention kernels that compute only each packed row's own block (flash-attention varlen)
 VARLEN = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -184,8 +185,6 @@ def policy_logprobs(
 def discriminator_scores(scorer: Any, mb: MicroBatch | TokenBatch) -> torch.Tensor:
     """D's scores [b] (``scorer``: a :class:`~gad_ray.discriminator.model.DiscriminatorModel`
     call) at each row's last response token."""
-    from gad_ray.discriminator.model import last_response_index  # (it imports this package)
-
     p = getattr(mb, "packed", None)
     if p is None:
         return scorer(**model_inputs(mb), response_mask=mb.response_mask)

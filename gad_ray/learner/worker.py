@@ -27,11 +27,11 @@ import torch.distributed as dist
 
 from gad_ray.config.schema import Config, LoraSpec
 from gad_ray.data.batch import TokenBatch
-from gad_ray.learner import checkpoint
+from gad_ray.learner.checkpoint import load_rank_state, save_rank_state
 from gad_ray.learner.engine import Engine
-from gad_ray.learner.lora import check_base_pointer, write_base_pointer
 from gad_ray.learner.packing import MicroBatch, attn_implementation, micro_batch, use_packing
 from gad_ray.memory import memory_stats
+from gad_ray.models.adapter_files import check_base_pointer, write_base_pointer
 
 # (global rows of the micro-batch, micro-batch) -> (loss already divided by the global
 # denominators, additive metric sums)
@@ -234,7 +234,7 @@ class LearnerWorker:
             self.engine.save(path, self.frozen_models())
         if self.lora_specs and self.rank == 0:
             write_base_pointer(path, self.model_path, self.lora_specs)
-        checkpoint.save_rank_state(path, self.rank, {"step": self.step})
+        save_rank_state(path, self.rank, {"step": self.step})
         dist.barrier()
 
     def load_checkpoint(self, path: str) -> None:
@@ -242,4 +242,4 @@ class LearnerWorker:
             check_base_pointer(path, self.model_path)
         with self.onloaded():
             self.engine.load(path, self.frozen_models())
-        self.step = checkpoint.load_rank_state(path, self.rank)["step"]
+        self.step = load_rank_state(path, self.rank)["step"]

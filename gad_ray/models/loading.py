@@ -40,7 +40,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from gad_ray.config.schema import InputError
+from gad_ray.models.errors import ModelLoadError
 from gad_ray.models.tiny import ARCHS, SIZES, build_tiny_model
 
 VLLM_CPU_ENV: dict[str, str] = {
@@ -56,10 +56,6 @@ VLLM_CPU_LLM_KWARGS: dict = {
 TINY_PREFIX = "tiny:"
 SYNTHETIC_PREFIX = "synthetic:"
 TINY_VERSION = "v2"  # bump when tiny.py changes what it builds, so stale caches are not reused
-
-
-class ModelLoadError(InputError, ValueError):
-    """A model spec that cannot be resolved or loaded."""
 
 
 def default_cache_dir() -> Path:
@@ -90,7 +86,7 @@ def _is_local(spec: str) -> bool:
 def resolve_model_path(spec: str, cache_dir: str | None = None) -> str:
     """Local directory path, built `tiny:` / `synthetic:` model path, or the hub name unchanged."""
     if spec.startswith(SYNTHETIC_PREFIX):
-        from gad_ray.synthetic.student import cached_student  # it imports this module
+        from gad_ray.synthetic.student import cached_student
 
         root = Path(cache_dir) if cache_dir else default_cache_dir()
         return str(cached_student(spec[len(SYNTHETIC_PREFIX) :], root))

@@ -9,7 +9,7 @@ import sys
 from gad_ray import recipes
 from gad_ray.config.schema import Config, ConfigError
 from gad_ray.placement import pool, role_sizes
-from gad_ray.plan import QUIET_RAY, Plan, groups, make_plan, where
+from gad_ray.plan.fit import QUIET_RAY, Plan, groups, make_plan, where
 from gad_ray.plan.host import HOST_PHASES, host_total
 from gad_ray.plan.learners import (
     attention_of,

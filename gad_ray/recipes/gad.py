@@ -25,15 +25,16 @@ from torch import Tensor
 
 from gad_ray.algorithms import bt_loss, grpo_advantages
 from gad_ray.config.schema import Config
-from gad_ray.driver.stages import (
+from gad_ray.recipes.stages import (
+    Recipe,
     Sampling,
     Stage,
+    StepDriver,
     StepInput,
     prefix,
     reward_stats,
     sample_stats,
 )
-from gad_ray.recipes import Recipe
 from gad_ray.rollout.types import SamplingParams
 
 ROLES = ("rollout", "generator", "discriminator")
@@ -109,14 +110,14 @@ def warmup_lr(cfg: Config) -> float:
     return cfg.algorithm.warmup.generator_lr or cfg.algorithm.generator_optim.lr
 
 
-def enter_gad(d: Any) -> None:
+def enter_gad(d: StepDriver) -> None:
     """The KL anchor is the warmed-up student; G's LR switches to ``generator_optim.lr``."""
     gen = d.roles["generator"]
     gen.reset_reference()
     gen.set_base_lr(d.cfg.algorithm.generator_optim.lr)
 
 
-def warmup_step(d: Any, x: StepInput) -> dict[str, Any]:
+def warmup_step(d: StepDriver, x: StepInput) -> dict[str, Any]:
     """D learns teacher vs the current student; G imitates the teacher (SFT)."""
     w, metrics, updates = d.cfg.algorithm.warmup, {}, {}
     if w.discriminator:
@@ -127,7 +128,7 @@ def warmup_step(d: Any, x: StepInput) -> dict[str, Any]:
     return metrics | d.update(updates)
 
 
-def gad_step(d: Any, x: StepInput) -> dict[str, Any]:
+def gad_step(d: StepDriver, x: StepInput) -> dict[str, Any]:
     """Reward = D before its update; GRPO advantages; D's BT update || G's PPO update."""
     rewards, adv, metrics = score_and_advantages(d, x)
     k = d.cfg.algorithm.gad.d_steps_per_g_step
@@ -137,7 +138,7 @@ def gad_step(d: Any, x: StepInput) -> dict[str, Any]:
     return metrics | d.update(updates)
 
 
-def frozen_d_gad_step(d: Any, x: StepInput) -> dict[str, Any]:
+def frozen_d_gad_step(d: StepDriver, x: StepInput) -> dict[str, Any]:
     """The off-policy ablation: D stays as warmup left it; only G's PPO update runs."""
     rewards, adv, metrics = score_and_advantages(d, x)
     with d.timer("score"):
@@ -149,7 +150,7 @@ def frozen_d_gad_step(d: Any, x: StepInput) -> dict[str, Any]:
     return metrics | d.update(updates)
 
 
-def score_and_advantages(d: Any, x: StepInput) -> tuple[Tensor, Tensor, dict[str, Any]]:
+def score_and_advantages(d: StepDriver, x: StepInput) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """``r = D(x, y_s)`` [B], the GRPO advantages ``A`` [B] and their metrics."""
     with d.timer("score", role="discriminator"):
         rewards = d.roles["discriminator"].score(x.student)

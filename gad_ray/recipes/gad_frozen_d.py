@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gad_ray.config.schema import Config
-from gad_ray.recipes import Recipe, gad
+from gad_ray.recipes import gad
+from gad_ray.recipes.stages import Recipe
 
 check = gad.check
 

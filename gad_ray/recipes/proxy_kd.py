@@ -23,8 +23,7 @@ import torch
 
 from gad_ray.algorithms import proxy_sample_weights, seq_mean_logp
 from gad_ray.config.schema import Config, ConfigError
-from gad_ray.driver.stages import Sampling, Stage, StepInput, sample_stats
-from gad_ray.recipes import Recipe
+from gad_ray.recipes.stages import Recipe, Sampling, Stage, StepDriver, StepInput, sample_stats
 from gad_ray.rollout.types import SamplingParams
 
 
@@ -97,18 +96,20 @@ def recipe(cfg: Config, steps_per_epoch: int, run_dir: Path) -> Recipe:
     return Recipe(stages, roles)
 
 
-def proxy_sft_step(d: Any, x: StepInput) -> dict[str, Any]:
+def proxy_sft_step(d: StepDriver, x: StepInput) -> dict[str, Any]:
     """The proxy imitates the teacher (token-mean NLL of y)."""
     return d.update({"proxy": lambda proxy: proxy.train_sft(x.teacher)})
 
 
-def enter_dpo_iteration(d: Any) -> None:
+def enter_dpo_iteration(d: StepDriver) -> None:
     """Reference = the proxy the last iteration (or SFT) left; restart the iteration's mean."""
     d.roles["proxy"].reset_reference()
     d.state["loglik"] = [0.0, 0]
 
 
-def proxy_dpo_step(d: Any, x: StepInput, iteration: int, per_iteration: int) -> dict[str, Any]:
+def proxy_dpo_step(
+    d: StepDriver, x: StepInput, iteration: int, per_iteration: int
+) -> dict[str, Any]:
     """DPO of the proxy: chosen = the teacher's response, rejected = the proxy's own sample."""
     metrics = d.update({"proxy": lambda proxy: proxy.train_dpo(x.teacher, x.student)})
     # the proxy's mean log-likelihood of (unseen) teacher responses, before this update
@@ -121,12 +122,12 @@ def proxy_dpo_step(d: Any, x: StepInput, iteration: int, per_iteration: int) -> 
     return metrics | sample_stats(x.samples, x.teacher)
 
 
-def export_proxy(d: Any, path: Path) -> None:
+def export_proxy(d: StepDriver, path: Path) -> None:
     """End of alignment: the proxy the student distils from, in HF format."""
     d.roles["proxy"].save_pretrained(str(path))
 
 
-def student_step(d: Any, x: StepInput) -> dict[str, Any]:
+def student_step(d: StepDriver, x: StepInput) -> dict[str, Any]:
     """CE on y + alpha * w * top-k KL(proxy || student), teacher-forced on y."""
     pk = d.cfg.algorithm.proxy_kd
     with d.timer("proxy_topk"):

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from gad_ray.config.schema import Config
-from gad_ray.driver.stages import Stage, StepInput
-from gad_ray.recipes import Recipe
 from gad_ray.recipes.gad import warmup_lr, warmup_steps
+from gad_ray.recipes.stages import Recipe, Stage, StepDriver, StepInput
 
 
 def recipe(cfg: Config, steps_per_epoch: int, run_dir: Path) -> Recipe:
@@ -28,5 +27,5 @@ def recipe(cfg: Config, steps_per_epoch: int, run_dir: Path) -> Recipe:
     return Recipe([sft], roles)
 
 
-def sft_step(d: Any, x: StepInput) -> dict[str, Any]:
+def sft_step(d: StepDriver, x: StepInput) -> dict[str, Any]:
     return d.update({"generator": lambda gen: gen.train_sft(x.teacher)})

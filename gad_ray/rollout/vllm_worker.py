@@ -268,7 +268,7 @@ class RolloutWorker(RolloutBackend):
         drop version v; later requests use it."""
         from vllm.lora.request import LoRARequest
 
-        from gad_ray.learner.lora import save_adapter
+        from gad_ray.models.adapter_files import save_adapter
 
         version = 1 if self.lora_request is None else self.lora_request.lora_int_id + 1
         with tempfile.TemporaryDirectory(prefix="gad-lora-") as path:

@@ -29,7 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
 from gad_ray.data.tokenize import encode_prompt
-from gad_ray.models.loading import ModelLoadError
+from gad_ray.models.errors import ModelLoadError
 from gad_ray.models.tiny import build_tokenizer
 from gad_ray.synthetic.tasks import answer_distribution, check, make_prompt, styled
 

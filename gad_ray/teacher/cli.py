@@ -23,8 +23,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gad_ray.config import Config
-from gad_ray.config.hydra_app import hydra_entry
 from gad_ray.data.dataset import DataError, Example, load_rows, parse_example, with_response
+from gad_ray.hydra_app import hydra_entry
 from gad_ray.teacher.cache import ResponseCache, Result
 from gad_ray.teacher.fetcher import Fetcher, TeacherError, occurrence_indices
 

@@ -4,8 +4,8 @@ and D are resident together (D || G overlap)."""
 
 import pytest
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import ConfigError
+from gad_ray.hydra_app import compose
 
 PRESETS = ["qwen2.5-7b_gpt5chat", "qwen2.5-14b_gpt5chat", "qwen2.5-1.5b_gpt5chat"]
 PRESETS += ["qwen2.5-7b-lora_1gpu"]

@@ -5,8 +5,9 @@ import os
 import pytest
 
 from gad_ray import recipes
-from gad_ray.config.hydra_app import compose
-from gad_ray.config.schema import Config, ConfigError, validate_config
+from gad_ray.config.schema import Config, ConfigError
+from gad_ray.hydra_app import compose
+from gad_ray.validate import validate_config
 
 
 def _raw(**over) -> dict:
@@ -123,7 +124,7 @@ def test_paper_recipe_has_spec_numbers():
     from hydra import compose as hc
     from hydra import initialize_config_dir
 
-    from gad_ray.config.hydra_app import CONF_DIR, to_config
+    from gad_ray.hydra_app import CONF_DIR, to_config
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         raw = hc(

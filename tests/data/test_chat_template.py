@@ -8,13 +8,13 @@ import pytest
 import ray
 from transformers import AutoTokenizer
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import ConfigError, DataConfig
 from gad_ray.data.dataset import DataError, Example
 from gad_ray.data.tokenize import encode_prompt, tokenize_examples
 from gad_ray.driver.setup import TeacherData, load_eval_set
 from gad_ray.eval.generate import prompt_ids
 from gad_ray.eval.sets import EvalItem
+from gad_ray.hydra_app import compose
 from gad_ray.models.loading import load_tokenizer
 
 TEMPLATE = (
@@ -97,8 +97,8 @@ def test_training_batches_eval_set_and_gad_eval_prompts_use_it(
 
 
 def test_the_exported_tokenizer_carries_the_template(tmp_path, tiny_model_dir):
-    from gad_ray.config.schema import validate_config
     from gad_ray.learner import GeneratorGroup
+    from gad_ray.validate import validate_config
 
     raw = {
         "model": {"student": {"path": str(tiny_model_dir)}},

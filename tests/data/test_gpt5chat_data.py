@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.data.dataset import load_examples
+from gad_ray.hydra_app import compose
 
 HUB_NAME = "ytz20/LMSYS-Chat-GPT-5-Chat-Response"
 RECIPES = ["qwen2.5-7b_gpt5chat", "qwen2.5-14b_gpt5chat", "qwen2.5-1.5b_gpt5chat"]

@@ -11,8 +11,8 @@ import ray
 import torch
 
 from gad_ray.algorithms import bt_loss
-from gad_ray.config.schema import validate_config
 from gad_ray.discriminator import DiscriminatorGroup, DiscriminatorModel
+from gad_ray.validate import validate_config
 from tests.learner.conftest import make_token_batch
 
 PAIRS = torch.tensor([0, 0, 1, 1, 2, 2])

@@ -8,13 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from gad_ray.data.batch import make_batch
-from gad_ray.discriminator.model import (
-    DiscriminatorModel,
-    ScoreHead,
-    check_discriminator_tokenizer,
-    last_response_index,
-)
+from gad_ray.discriminator.model import DiscriminatorModel, check_discriminator_tokenizer
 from gad_ray.models.loading import ModelLoadError, load_tokenizer
+from gad_ray.models.score_head import ScoreHead, last_response_index
 from tests.learner.conftest import make_cfg, make_token_batch
 
 

@@ -3,7 +3,7 @@ import os
 import pytest
 import ray
 
-from gad_ray.config.hydra_app import compose
+from gad_ray.hydra_app import compose
 
 # Actors inherit the environment Ray was started with: a teacher key must be set before.
 TEACHER_KEY_ENV = "GAD_TEST_TEACHER_KEY"

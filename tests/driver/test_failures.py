@@ -100,7 +100,7 @@ def test_actor_killed_during_a_step_ends_the_run_then_resume_finishes(ray_sessio
 
 
 def test_teacher_outage_ends_the_run_with_a_resumable_checkpoint(ray_session, tmp_path):
-    from gad_ray.config.hydra_app import compose
+    from gad_ray.hydra_app import compose
 
     server = start_server_thread(api_key=os.environ[TEACHER_KEY_ENV])
     cfg = compose(

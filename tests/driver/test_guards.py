@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import GuardsConfig
 from gad_ray.driver.driver import train
 from gad_ray.driver.guards import Guards
 from gad_ray.driver.metrics import read_metrics
+from gad_ray.hydra_app import compose
 
 from .conftest import tiny_overrides
 

@@ -12,10 +12,10 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from gad_ray.config.hydra_app import compose
-from gad_ray.driver import state as st
+from gad_ray import run_dir as st
 from gad_ray.driver.driver import Driver, TrainingAborted, train
 from gad_ray.driver.metrics import read_metrics
+from gad_ray.hydra_app import compose
 from gad_ray.synthetic.server import start_server_thread
 
 from .conftest import TEACHER_KEY_ENV, tiny_overrides

@@ -7,10 +7,10 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.driver.driver import train
 from gad_ray.driver.metrics import read_metrics
-from gad_ray.learner.lora import BASE_POINTER
+from gad_ray.hydra_app import compose
+from gad_ray.models.adapter_files import BASE_POINTER
 
 TASKS = "tasks=fruit&min_len=1&max_len=1"
 

@@ -8,7 +8,6 @@ import sys
 import matplotlib
 import pytest
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import ConfigError, TrainerConfig, WandbConfig
 from gad_ray.data.tokenize import TokenizedExample
 from gad_ray.driver.metrics import (
@@ -19,6 +18,7 @@ from gad_ray.driver.metrics import (
     stage_spans,
 )
 from gad_ray.driver.samples import COLUMNS, eval_samples
+from gad_ray.hydra_app import compose
 from gad_ray.models.loading import load_tokenizer
 from gad_ray.rollout.types import Sample
 

@@ -12,7 +12,7 @@ from .helpers import assert_same_records, step_records
 
 @pytest.fixture(scope="module")
 def sync_run(ray_session, tmp_path_factory):
-    from gad_ray.config.hydra_app import compose
+    from gad_ray.hydra_app import compose
 
     from .conftest import tiny_overrides
 
@@ -80,7 +80,7 @@ OFF = ("trainer.pipeline=one_step_off", "algorithm.generator_optim.lr=1e-2", "tr
 
 @pytest.fixture(scope="module")
 def off_run(ray_session, tmp_path_factory):
-    from gad_ray.config.hydra_app import compose
+    from gad_ray.hydra_app import compose
 
     from .conftest import tiny_overrides
 

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gad_ray import recipes
-from gad_ray.config.hydra_app import compose
 from gad_ray.driver.driver import Driver, train
 from gad_ray.driver.metrics import read_metrics
+from gad_ray.hydra_app import compose
 from gad_ray.models.loading import ModelLoadError
 from gad_ray.models.tiny import build_tiny_model, build_tokenizer, model_config
 from gad_ray.recipes.proxy_kd import slices

@@ -23,7 +23,7 @@ def test_shutdown_returns_once_the_cpus_are_free_so_new_roles_get_full_shares(fo
     right after a shutdown (a restart, a resumed run in the same Ray session) must get the same
     shares: ray.kill returns before the processes exit, and fitting the new roles to the CPUs
     not yet released gave shares of ~1e-5 CPU, below Ray's unit (a ValueError)."""
-    from gad_ray.config.hydra_app import compose
+    from gad_ray.hydra_app import compose
 
     cfg = compose(tiny_overrides(tmp_path / "run"))
     sets = [("generator", "discriminator")]
@@ -91,7 +91,7 @@ def four_gpus():
 
 
 def gpu_roles(tmp_path, probe, timeout_s=30.0) -> GpuRoles:
-    from gad_ray.config.hydra_app import compose
+    from gad_ray.hydra_app import compose
 
     cfg = compose(
         tiny_overrides(

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import ConfigError
-from gad_ray.driver.state import check_durable, prepare_run_dir
+from gad_ray.hydra_app import compose
+from gad_ray.run_dir import check_durable, prepare_run_dir
 
 
 def test_run_dir_is_made_absolute_against_the_working_directory(tmp_path, monkeypatch):

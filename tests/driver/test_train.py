@@ -5,9 +5,9 @@ import shutil
 import pytest
 
 from gad_ray import recipes
-from gad_ray.config.hydra_app import compose
 from gad_ray.driver.driver import train
 from gad_ray.driver.metrics import read_metrics
+from gad_ray.hydra_app import compose
 
 from .conftest import tiny_overrides
 from .helpers import (

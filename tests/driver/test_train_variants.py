@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.driver.driver import train
+from gad_ray.hydra_app import compose
 from gad_ray.models.loading import resolve_model_path
 
 from .conftest import tiny_overrides

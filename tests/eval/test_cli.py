@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import ray
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.data.dataset import DataError
 from gad_ray.eval.cli import EvalError, run_eval
 from gad_ray.eval.metrics import mean_ci, ngram_f1
+from gad_ray.hydra_app import compose
 from gad_ray.models.loading import ModelLoadError
-from gad_ray.synthetic.server import NO_RATING_MARKER, RunningServer, start_server_thread
+from gad_ray.synthetic.judge import NO_RATING_MARKER
+from gad_ray.synthetic.server import RunningServer, start_server_thread
 from gad_ray.synthetic.tasks import check, make_dataset, most_probable_answer, write_dataset
 
 KEY_ENV = "GAD_EVAL_TEST_KEY"
@@ -61,7 +62,7 @@ def overrides(judge: RunningServer, out: Path, *extra: str) -> list[str]:
 
 
 def expected_score(question: str, answer: str) -> float:
-    """The synthetic judge's documented rule (gad_ray.synthetic.server.judge_rating)."""
+    """The synthetic judge's documented rule (gad_ray.synthetic.judge.judge_rating)."""
     v = check(question, answer)
     if v.most_probable:
         return 10.0

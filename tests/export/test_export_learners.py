@@ -9,14 +9,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from gad_ray.config.schema import Config, validate_config
+from gad_ray import run_dir as st
+from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch
 from gad_ray.discriminator.learner import DiscriminatorGroup
 from gad_ray.discriminator.model import DiscriminatorModel
-from gad_ray.driver import state as st
+from gad_ray.discriminator.shared import SharedGroup
 from gad_ray.export import export_checkpoint
 from gad_ray.learner import GeneratorGroup
-from gad_ray.learner.shared import SharedGroup
+from gad_ray.validate import validate_config
 from tests.driver.helpers import exported_weights
 from tests.learner.conftest import make_cfg, make_token_batch, ref_logprobs
 

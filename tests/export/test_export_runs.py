@@ -13,11 +13,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.driver.driver import train
 from gad_ray.eval.cli import exported_models, run_eval
 from gad_ray.export.cli import main as gad_export
 from gad_ray.export.convert import SOURCE_FILE
+from gad_ray.hydra_app import compose
 from gad_ray.synthetic.server import start_server_thread
 from gad_ray.synthetic.tasks import make_dataset, write_dataset
 from tests.driver.conftest import tiny_overrides

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from gad_ray.driver.metrics import read_metrics
-from gad_ray.driver.state import checkpoint_problem
+from gad_ray.run_dir import checkpoint_problem
 from tests.driver.conftest import tiny_overrides
 
 from .cluster import BIN, LocalRayCluster

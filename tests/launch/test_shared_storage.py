@@ -20,7 +20,7 @@ import sys, time
 from pathlib import Path
 import ray
 from gad_ray.config.schema import ConfigError
-from gad_ray.driver.state import check_shared_run_dir
+from gad_ray.run_dir import check_shared_run_dir
 
 ray.init(address=sys.argv[1])
 deadline = time.time() + 180

@@ -20,8 +20,9 @@ from gad_ray.algorithms import (
     sft_loss_mat,
     token_logprobs,
 )
-from gad_ray.config.schema import Config, validate_config
+from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, make_batch
+from gad_ray.validate import validate_config
 
 
 @pytest.fixture(scope="module")

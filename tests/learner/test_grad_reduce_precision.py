@@ -80,7 +80,7 @@ def steps(rank: int, world: int, port: int, model_dir: str) -> dict:
     from gad_ray.algorithms import aggregate_loss, sft_loss_mat
     from gad_ray.config.schema import LearnerConfig, OptimConfig
     from gad_ray.learner import deepspeed_engine
-    from gad_ray.learner.engine import build_engine
+    from gad_ray.learner.backends import build_engine
     from gad_ray.learner.generator import policy_logprobs
     from gad_ray.models.loading import load_causal_lm
 

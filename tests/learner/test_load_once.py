@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from gad_ray.config.schema import Config, validate_config
+from gad_ray.config.schema import Config
 from gad_ray.discriminator.model import DiscriminatorModel, discriminator_config, new_head
 from gad_ray.learner.lora import (
     DISCRIMINATOR,
@@ -26,6 +26,7 @@ from gad_ray.learner.lora import (
     copy_adapter,
 )
 from gad_ray.models.loading import load_causal_lm
+from gad_ray.validate import validate_config
 from tests.learner.conftest import make_cfg
 from tests.learner.ranks import run_ranks, weight_files_opened
 
@@ -65,8 +66,8 @@ def build_learners(
     """On each rank: G with its reference, D, then (LoRA) G's adapter stack and, under FSDP2,
     the shared base; what each holds, full, and the weight files this rank opened."""
     from gad_ray.discriminator.learner import DiscriminatorWorker
+    from gad_ray.discriminator.shared import SharedWorker
     from gad_ray.learner.generator import GeneratorWorker
-    from gad_ray.learner.shared import SharedWorker
 
     out: dict = {}
     cfg = _cfg(model_dir, backend, stage, dtype, lora=False)

@@ -12,19 +12,13 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from transformers import AutoModel, AutoModelForCausalLM
 
 from gad_ray.algorithms import bt_loss
-from gad_ray.config.schema import validate_config
 from gad_ray.discriminator.learner import DiscriminatorGroup
 from gad_ray.discriminator.model import discriminator_config, new_head
+from gad_ray.discriminator.shared import SharedGroup
 from gad_ray.learner import GeneratorGroup
-from gad_ray.learner.lora import (
-    BASE_POINTER,
-    DISCRIMINATOR,
-    GENERATOR,
-    is_adapter_param,
-    peft_key,
-    relative_key,
-)
-from gad_ray.learner.shared import SharedGroup
+from gad_ray.learner.lora import DISCRIMINATOR, GENERATOR, is_adapter_param, peft_key, relative_key
+from gad_ray.models.adapter_files import BASE_POINTER
+from gad_ray.validate import validate_config
 from tests.learner.conftest import (
     ReferenceTrainer,
     assert_metrics_close,

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.data.batch import TokenBatch, concat_batches, make_batch
+from gad_ray.hydra_app import compose
 from gad_ray.learner.group import LearnerGroup
 
 PRESET = "experiment=qwen2.5-7b_gpt5chat"

@@ -18,9 +18,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import AutoModelForCausalLM
 
-from gad_ray.config.hydra_app import CONF_DIR
 from gad_ray.config.schema import ConfigError
 from gad_ray.discriminator import DiscriminatorGroup
+from gad_ray.hydra_app import CONF_DIR
 from gad_ray.learner import FSDP2Engine, GeneratorGroup
 from gad_ray.learner.offload import CPU, move_module, move_optimizer_state
 from gad_ray.memory import memory_stats

@@ -8,10 +8,10 @@ import torch
 
 from gad_ray.data.batch import TokenBatch, concat_batches
 from gad_ray.discriminator import DiscriminatorGroup, DiscriminatorModel
+from gad_ray.discriminator.shared import SharedGroup
 from gad_ray.learner import GeneratorGroup
 from gad_ray.learner.lora import DISCRIMINATOR, GENERATOR
 from gad_ray.learner.packing import micro_batch
-from gad_ray.learner.shared import SharedGroup
 from gad_ray.models.loading import load_tokenizer
 from tests.discriminator.test_learner import (
     PAIRS,

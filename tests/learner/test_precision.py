@@ -12,10 +12,11 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from gad_ray.config.schema import RolloutConfig, validate_config
+from gad_ray.config.schema import RolloutConfig
 from gad_ray.discriminator.learner import DiscriminatorGroup
 from gad_ray.learner import GeneratorGroup
 from gad_ray.rollout.hf_worker import HFRolloutWorker
+from gad_ray.validate import validate_config
 from tests.learner.conftest import ReferenceTrainer, make_token_batch
 
 LR = 1e-6

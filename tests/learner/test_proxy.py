@@ -8,11 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from gad_ray.algorithms import dpo_loss, proxy_kd_loss, proxy_topk, seq_mean_logp
-from gad_ray.config.schema import validate_config
 from gad_ray.data.batch import concat_batches, make_batch
 from gad_ray.learner import GeneratorGroup
 from gad_ray.learner.proxy import ProxyGroup, proxy_view
 from gad_ray.models.tiny import build_tokenizer, model_config
+from gad_ray.validate import validate_config
 
 BETA, ALPHA, K = 0.5, 2.0, 5
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from gad_ray.config.schema import LearnerConfig, OptimConfig
 from gad_ray.discriminator.model import DiscriminatorModel
-from gad_ray.learner.engine import build_engine
+from gad_ray.learner.backends import build_engine
 from gad_ray.learner.generator import policy_logprobs
 from gad_ray.models.loading import load_causal_lm
 from tests.learner.conftest import make_token_batch

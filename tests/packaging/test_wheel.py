@@ -84,7 +84,7 @@ def test_installed_wheel_runs_outside_the_repo(venv, tmp_path):
         [
             str(env_dir / "bin" / "python"),
             "-c",
-            "import gad_ray, importlib.metadata as m; from gad_ray.config.hydra_app import "
+            "import gad_ray, importlib.metadata as m; from gad_ray.hydra_app import "
             "CONF_DIR; print(gad_ray.__file__); print(CONF_DIR); "
             "print(m.distribution('gad-ray').locate_file(''))",
         ],

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import ConfigError
+from gad_ray.hydra_app import compose
 from gad_ray.plan import check_fits, make_plan
 from gad_ray.plan.host import host_total, pinned
 

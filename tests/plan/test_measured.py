@@ -16,9 +16,9 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from gad_ray.algorithms import bt_loss, loss_denominator
-from gad_ray.config.hydra_app import compose
 from gad_ray.data.batch import concat_batches, make_batch
 from gad_ray.discriminator.learner import DiscriminatorWorker
+from gad_ray.hydra_app import compose
 from gad_ray.learner.generator import GeneratorWorker
 from gad_ray.learner.group import LearnerGroup
 from gad_ray.models.tiny import build_tokenizer

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from gad_ray.config.hydra_app import CONF_DIR, compose
 from gad_ray.config.schema import ConfigError
 from gad_ray.driver.driver import Driver
+from gad_ray.hydra_app import CONF_DIR, compose
 from gad_ray.plan import check_fits, layout, make_plan
 from gad_ray.plan.report import format_plan, place_on_ray
 

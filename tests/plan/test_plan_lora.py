@@ -3,8 +3,8 @@ D and the reference with ``learner.shared_base``, and LoRA configs the schema re
 
 import pytest
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.config.schema import ConfigError, LoraSpec
+from gad_ray.hydra_app import compose
 from gad_ray.models.shapes import SHIPPED_SHAPES
 from gad_ray.plan import check_fits, make_plan
 from gad_ray.plan.lora import adapter_params

@@ -4,7 +4,8 @@ DPO sampling keeps its top-p (DPO never uses the sampling log-probs)."""
 
 import pytest
 
-from gad_ray.config.schema import ConfigError, validate_config
+from gad_ray.config.schema import ConfigError
+from gad_ray.validate import validate_config
 
 
 def _raw(name: str, **grpo) -> dict:

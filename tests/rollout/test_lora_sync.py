@@ -10,13 +10,14 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from gad_ray.config.schema import RolloutConfig, validate_config
+from gad_ray.config.schema import RolloutConfig
 from gad_ray.learner import GeneratorGroup
 from gad_ray.models.loading import VLLM_CPU_ENV
 from gad_ray.rollout.hf_worker import HFRolloutWorker
 from gad_ray.rollout.types import SamplingParams
 from gad_ray.rollout.vllm_worker import RolloutWorker
 from gad_ray.rollout.weight_sync import send_weights
+from gad_ray.validate import validate_config
 from tests.learner.conftest import make_token_batch
 from tests.learner.test_lora import lora_cfg
 

@@ -13,8 +13,8 @@ import openai
 import pytest
 
 from gad_ray.eval.judge import DEFAULT_TEMPLATE, judge_prompt, parse_rating
+from gad_ray.synthetic.judge import NO_RATING_MARKER
 from gad_ray.synthetic.server import (
-    NO_RATING_MARKER,
     UNKNOWN_PROMPT_ANSWER,
     RunningServer,
     ServerConfig,

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from gad_ray.config.hydra_app import compose
+from gad_ray.hydra_app import compose
 from gad_ray.synthetic.server import start_server_thread
 from gad_ray.synthetic.tasks import make_dataset, write_dataset
 from gad_ray.teacher.cache import ResponseCache, messages_hash

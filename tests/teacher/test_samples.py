@@ -5,8 +5,8 @@ import json
 
 import ray
 
-from gad_ray.config.hydra_app import compose
 from gad_ray.driver.setup import TeacherData
+from gad_ray.hydra_app import compose
 from gad_ray.models.tiny import build_tokenizer
 from gad_ray.synthetic.server import start_server_thread
 from gad_ray.synthetic.tasks import check, write_dataset

@@ -1,27 +1,53 @@
-"""What an algorithm declares, and what its step functions receive.
+"""What an algorithm declares, what its step functions receive, and what they may call.
 
-An algorithm is a module of ``gad_ray/recipes/`` (see its ``__init__``) that returns a list of
-:class:`Stage`. The :class:`~gad_ray.driver.driver.Driver` runs the stages in order: it keeps the
-stage's roles alive, samples what the stage asks for (:class:`Sampling`, through its
-:class:`~gad_ray.driver.sampler.Sampler`: synchronously or one step ahead), calls the stage's step function with a :class:`StepInput`, and checkpoints the
-roles the stage names. Step functions are a few lines each: role calls and pure functions of
-:mod:`gad_ray.algorithms`.
+An algorithm is a module of ``gad_ray/recipes/`` (see :mod:`gad_ray.recipes.registry`) that
+returns a list of :class:`Stage`. The driver (:class:`~gad_ray.driver.driver.Driver`) runs the
+stages in order: it keeps the stage's roles alive, samples what the stage asks for
+(:class:`Sampling`, through its sampler: synchronously or one step ahead), calls the stage's
+step function with itself (seen as a :class:`StepDriver`) and a :class:`StepInput`, and
+checkpoints the roles the stage names. Step functions are a few lines each: role calls and pure
+functions of :mod:`gad_ray.algorithms`. This module sits below the driver: the driver imports
+it, never the reverse.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
+from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch
 from gad_ray.data.tokenize import TokenizedExample
 from gad_ray.rollout.types import Sample, SamplingParams
 
-if TYPE_CHECKING:
-    from gad_ray.driver.driver import Driver
+Update = Callable[[Any], dict[str, Any]]  # one learner role's update: group -> its metrics
+
+
+class RoleGroups(Protocol):
+    """The live role groups, by role name (``d.roles["generator"]``)."""
+
+    def __getitem__(self, name: str) -> Any: ...
+
+
+class StepDriver(Protocol):
+    """What step functions and stage hooks use of the driver."""
+
+    cfg: Config
+    roles: RoleGroups
+    state: dict[str, Any]  # the recipe's own state, saved with each checkpoint
+
+    def update(self, calls: dict[str, Update]) -> dict[str, Any]:
+        """Run ``calls[role](group)`` for each learner role (concurrently when
+        ``trainer.overlap_d_g``); their prefixed metrics."""
+        ...
+
+    def timer(self, phase: str, role: str | None = None) -> AbstractContextManager[None]:
+        """Time ``phase`` into ``time/<phase>`` (with ``role``: also its peak memory)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -57,8 +83,8 @@ class StepInput:
     staleness: int = 0  # policy updates between the sampling weights and the trained ones
 
 
-StepFn = Callable[["Driver", StepInput], dict[str, Any]]
-Hook = Callable[["Driver"], None]
+StepFn = Callable[[StepDriver, StepInput], dict[str, Any]]
+Hook = Callable[[StepDriver], None]
 
 
 @dataclass
@@ -80,6 +106,18 @@ class Stage:
     on_enter: Hook | None = None
     on_exit: Hook | None = None
     eval_label: str | None = None
+
+
+@dataclass
+class Recipe:
+    """An algorithm's stages, in order, and the factory options of each role they use."""
+
+    stages: list[Stage]
+    roles: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def role_sets(self) -> list[tuple[str, ...]]:
+        """The roles alive at once: one set per stage that runs."""
+        return [s.roles for s in self.stages if s.steps > 0]
 
 
 def sample_stats(samples: list[Sample], teacher: TokenBatch) -> dict[str, float]:

@@ -13,9 +13,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from gad_ray.config.schema import Config, InputError, validate_config
+from gad_ray.config.schema import Config, InputError
+from gad_ray.validate import validate_config
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # gad_ray/conf
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # gad_ray/conf
 
 
 def to_config(cfg: DictConfig, check_model_context: bool = True) -> Config:
