@@ -40,7 +40,7 @@ from gad_ray.synthetic.student import (
 from gad_ray.synthetic.tasks import make_prompt, teacher_answer
 
 TEACHER_VERSION = "v1"  # bump when what build_teacher makes changes, so stale caches are rebuilt
-STEPS, BATCH, LR, WARMUP = 100, 32, 1e-3, 10
+STEPS, BATCH, LR, WARMUP = 40, 32, 1e-3, 5
 
 
 def teacher_batch(
