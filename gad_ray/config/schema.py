@@ -180,7 +180,7 @@ class OPDConfig(_Strict):
 
     teacher: ModelSpec | None = None  # frozen, the student's tokenizer (a Proxy-KD export too)
     ranks: int = Field(1, ge=1)  # learner ranks of the frozen teacher
-    steps: int = Field(200, ge=0)
+    steps: int = Field(64, ge=0)
     lmbda: float = Field(1.0, ge=0, le=1)  # share of steps on-policy; the rest SFT on y_t
 
 
