@@ -90,3 +90,23 @@ def test_config_errors_name_the_key():
         validate_config(raw, check_model_context=False)
     with pytest.raises(ConfigError, match=r"lmbda"):
         _cfg(lmbda=1.5)
+
+
+def test_a_teacher_with_another_tokenizer_is_a_clear_error(tiny_model_dir, tmp_path):
+    from gad_ray.models.loading import ModelLoadError
+    from gad_ray.models.tiny import build_tiny_model, build_tokenizer
+    from gad_ray.recipes.opd import check_teacher_tokenizer
+
+    other = build_tiny_model(tmp_path / "other", size="tiny")
+    tok = build_tokenizer()
+    tok.add_tokens(["<extra-token>"])
+    tok.save_pretrained(other)
+    raw = _raw()
+    raw["model"]["student"]["path"] = str(tiny_model_dir)
+    raw["algorithm"]["opd"]["teacher"]["path"] = str(other)
+    with pytest.raises(
+        ModelLoadError, match=r"teacher \(algorithm.opd.teacher.path='.*other'\) tokenizers differ"
+    ):
+        check_teacher_tokenizer(validate_config(raw, check_model_context=False))
+    raw["algorithm"]["opd"]["teacher"]["path"] = str(tiny_model_dir)
+    check_teacher_tokenizer(validate_config(raw, check_model_context=False))
