@@ -13,7 +13,9 @@ families, always correct where the student is not). Per seed:
    D: Bradley-Terry against G's samples; one epoch of the teacher data), then ``gad`` GRPO steps
    on D's reward (two more epochs); its warmup checkpoint is the shared start of every other
    method (:data:`METHODS`): SeqKD takes ``gad`` more SFT steps (the same generator steps in
-   all), GAD-frozen-D ``gad`` GRPO steps with D frozen as warmup left it;
+   all), GAD-frozen-D ``gad`` GRPO steps with D frozen as warmup left it, OPD ``gad``
+   on-policy distillation steps from the white-box ``synthetic:teacher`` (docs/algorithms.md §7;
+   it sees the teacher's log-probs, not only its text: a reference row);
 3. every final student, the pre-trained one (``before``) and fresh teacher draws (``teacher``)
    are scored by the synthetic checker on in-domain prompts and on held-out families the
    student learnt in pre-training but that distillation never shows (out of domain).
@@ -86,6 +88,12 @@ def two_stage_steps(p: dict[str, int]) -> list[str]:
     return [f"algorithm.warmup.max_steps={p['warmup']}", f"algorithm.gad.steps={p['gad']}"]
 
 
+def opd_steps(p: dict[str, int]) -> list[str]:
+    """On-policy distillation's steps counted from the start, so that resumed at the warmup
+    checkpoint it takes ``gad`` on-policy steps from the white-box ``synthetic:teacher``."""
+    return [f"algorithm.opd.steps={p['warmup'] + p['gad']}"]
+
+
 @dataclass(frozen=True)
 class Method:
     """One trained row of the table: a Hydra ``algorithm``, its step overrides and whether it
@@ -103,6 +111,7 @@ METHODS: tuple[Method, ...] = (
     Method("gad", "gad", two_stage_steps, from_warmup=False),
     Method("seqkd", "seqkd", sft_steps),
     Method("gad_frozen_d", "gad_frozen_d", two_stage_steps),
+    Method("opd", "opd", opd_steps),  # a white-box teacher: a reference row, not black-box
 )
 
 

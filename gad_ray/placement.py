@@ -24,8 +24,8 @@ from gad_ray.config.schema import Config, ConfigError
 
 # Fraction of a shared GPU each colocated actor asks Ray for (memory is managed by vLLM's
 # gpu_memory_utilization, sleep mode and learner offload, not by Ray; the fractions only make
-# the roles alive at one time fit: rollout + G + D, proxy + its rollout, or the frozen proxy +
-# G + the student's rollout).
+# the roles alive at one time fit: rollout + G + D, proxy + its rollout, or the frozen proxy
+# (or on-policy distillation's frozen teacher) + G + the student's rollout).
 COLOCATED_SHARE = {
     "rollout": 0.4,
     "generator": 0.3,
@@ -33,6 +33,7 @@ COLOCATED_SHARE = {
     "proxy": 0.3,
     "proxy_rollout": 0.4,
     "proxy_frozen": 0.3,
+    "teacher_model": 0.3,
 }
 
 
@@ -69,6 +70,7 @@ def role_size(cfg: Config, role: str) -> tuple[int, int]:
         "discriminator": cfg.learner.discriminator_ranks,
         "proxy": cfg.algorithm.proxy_kd.ranks,
         "proxy_frozen": cfg.algorithm.proxy_kd.ranks,
+        "teacher_model": cfg.algorithm.opd.ranks,
     }
     if role not in ranks:
         raise ValueError(f"unknown role {role!r}; known: {sorted(ranks)} and *rollout")

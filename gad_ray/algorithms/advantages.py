@@ -63,3 +63,41 @@ def broadcast_to_tokens(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             f"{tuple(mask.shape)}"
         )
     return adv[:, None] * mask.to(adv.dtype)
+
+
+def opd_advantages(
+    teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """On-policy distillation's per-token advantages (docs/algorithms.md §7): on the student's
+    own sample ``y ~ G(x)``, token t gets
+
+        A_t = log T(y_t | x, y_<t) - log G(y_t | x, y_<t)
+
+    the negative of the single-sample estimate of the per-token reverse KL(G || T). No group
+    normalisation and no sum over later tokens: each token is credited with its own term.
+
+    Args:
+        teacher_logprobs: float [B, T], the frozen teacher's log-probs of the sampled tokens.
+        student_logprobs: float [B, T], the sampling policy's log-probs of the same tokens (at
+            the same temperature).
+        mask: float/bool [B, T], 1 on the response tokens, 0 on the prompt and padding.
+
+    Returns:
+        float [B, T] advantages, zero off the response (detached, ``teacher_logprobs``' dtype).
+    """
+    if not (teacher_logprobs.dim() == 2 and teacher_logprobs.shape == student_logprobs.shape):
+        raise ValueError(
+            f"teacher_logprobs and student_logprobs must both be [B, T], got "
+            f"{tuple(teacher_logprobs.shape)} and {tuple(student_logprobs.shape)}"
+        )
+    if mask.shape != teacher_logprobs.shape:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected {tuple(teacher_logprobs.shape)}"
+        )
+    keep = mask.bool()
+    diff = teacher_logprobs.detach() - student_logprobs.detach().to(teacher_logprobs.dtype)
+    bad = (~torch.isfinite(diff) & keep).nonzero()
+    if bad.numel():
+        b, t = (int(i) for i in bad[0])
+        raise ValueError(f"log-prob difference at row {b}, token {t} is not finite: {diff[b, t]}")
+    return torch.where(keep, diff, torch.zeros_like(diff))

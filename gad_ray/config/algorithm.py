@@ -95,6 +95,15 @@ class ProxyKDConfig(Strict):
     proxy_optim: OptimConfig = OptimConfig(lr=1e-6)
 
 
+class OPDConfig(Strict):
+    """On-policy distillation from a white-box teacher (docs/algorithms.md §7)."""
+
+    teacher: ModelSpec | None = None  # frozen, the student's tokenizer (a Proxy-KD export too)
+    ranks: int = Field(1, ge=1)  # learner ranks of the frozen teacher
+    steps: int = Field(64, ge=0)
+    lmbda: float = Field(1.0, ge=0, le=1)  # share of steps on-policy; the rest SFT on y_t
+
+
 class AlgorithmConfig(Strict):
     name: str  # a module of gad_ray/recipes/ (gad, seqkd, gad_frozen_d, proxy_kd, ...)
     warmup: WarmupConfig = WarmupConfig()
@@ -103,3 +112,4 @@ class AlgorithmConfig(Strict):
     generator_optim: OptimConfig = OptimConfig(lr=1e-6, grad_clip=0.2)
     discriminator_optim: OptimConfig = OptimConfig(lr=1e-6, grad_clip=0.2)
     proxy_kd: ProxyKDConfig = ProxyKDConfig()
+    opd: OPDConfig = OPDConfig()

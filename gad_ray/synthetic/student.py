@@ -249,7 +249,8 @@ def cached_student(name: str, root: Path) -> Path:
     missing (once: concurrent callers wait on a file lock and reuse the first one's build)."""
     if name != "student":
         raise ModelLoadError(
-            f"model spec 'synthetic:{name}': unknown; the one synthetic model is 'synthetic:student'"
+            f"model spec 'synthetic:{name}': unknown; the synthetic models are 'synthetic:student' and "
+            "'synthetic:teacher'"
         )
     final = root / f"synthetic-student-{STUDENT_VERSION}"
     if final.is_dir():

@@ -11,7 +11,7 @@ from pathlib import Path
 from gad_ray.synthetic.student import HELD_OUT_TASKS, IN_DOMAIN_TASKS, PRETRAIN_TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("gad", "seqkd", "gad_frozen_d")
+METHODS = ("gad", "seqkd", "gad_frozen_d", "opd")
 ROWS = ("before", *METHODS, "teacher")
 
 
@@ -54,7 +54,7 @@ def test_quality_quick(tmp_path):
     assert len({calls[m] for m in METHODS}) == 1 and calls["gad"] == 2 * 8  # warmup x prompts
     assert all(result["train_s"][m] > 0 for m in METHODS)
     warmup = saved["preset"]["warmup"]
-    for method in ("seqkd", "gad_frozen_d"):
+    for method in ("seqkd", "gad_frozen_d", "opd"):
         rows = (work / "runs" / f"{method}-s0" / "metrics.jsonl").read_text().splitlines()
         assert min(json.loads(r)["step"] for r in rows) == warmup
     for method in ("gad", "gad_frozen_d"):
