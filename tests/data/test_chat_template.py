@@ -5,7 +5,6 @@ tokenizer. The last test starts a learner (Ray): run this file through /work/hel
 import json
 
 import pytest
-import ray
 from transformers import AutoTokenizer
 
 from gad_ray.config.hydra_app import compose
@@ -96,7 +95,7 @@ def test_training_batches_eval_set_and_gad_eval_prompts_use_it(
     assert [tok.decode(p) for p in prompts] == [RENDERED] and cut == [False]
 
 
-def test_the_exported_tokenizer_carries_the_template(tmp_path, tiny_model_dir):
+def test_the_exported_tokenizer_carries_the_template(tmp_path, tiny_model_dir, ray_session):
     from gad_ray.config.schema import validate_config
     from gad_ray.learner import GeneratorGroup
 
@@ -107,15 +106,11 @@ def test_the_exported_tokenizer_carries_the_template(tmp_path, tiny_model_dir):
         "learner": {"micro_batch_size": 2},
     }
     cfg = validate_config(raw, check_model_context=False)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    group = GeneratorGroup(cfg)
     try:
-        group = GeneratorGroup(cfg)
-        try:
-            group.save_pretrained(str(tmp_path / "hf"))
-        finally:
-            group.shutdown()
+        group.save_pretrained(str(tmp_path / "hf"))
     finally:
-        ray.shutdown()
+        group.shutdown()
     exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert exported.chat_template == TEMPLATE
     text = exported.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)

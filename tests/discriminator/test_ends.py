@@ -6,7 +6,6 @@ ending with the teacher's id. A truncated row stays as it is; G's batch keeps th
 import json
 
 import pytest
-import ray
 import torch
 
 from gad_ray.config.schema import DataConfig
@@ -73,13 +72,6 @@ def test_student_rows_end_like_teacher_rows_truncated_ones_as_they_are(qwen_like
     assert out.response_tokens(len(students) - 1) == students[-1]  # truncated: unchanged
     for name in ("attention_mask", "response_mask", "prompt_lens", "response_lens"):
         assert torch.equal(getattr(out, name), getattr(batch, name)), name
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_d_scores_a_row_ending_with_any_end_id_as_with_the_teachers(qwen_like_dir, ray_session):

@@ -7,7 +7,6 @@ head), and they are the single-process D's within the bf16 backbone's noise. The
 loss and gradient norm are the single-process step's, within that noise."""
 
 import pytest
-import ray
 import torch
 
 from gad_ray.algorithms import bt_loss
@@ -16,13 +15,6 @@ from gad_ray.discriminator import DiscriminatorGroup, DiscriminatorModel
 from tests.learner.conftest import make_token_batch
 
 PAIRS = torch.tensor([0, 0, 1, 1, 2, 2])
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def bf16_cfg(model_dir, backend: str, zero: int, ranks: int):

@@ -24,13 +24,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def init_dir(tiny_model_dir, tmp_path_factory):
     """A discriminator (student backbone + seeded head) saved once: both sides start from it."""
     out = tmp_path_factory.mktemp("disc-init")

@@ -1,7 +1,6 @@
 import os
 
 import pytest
-import ray
 
 from gad_ray.config.hydra_app import compose
 
@@ -30,13 +29,6 @@ def tiny_overrides(run_dir, *extra: str) -> list[str]:
         f"trainer.run_dir={run_dir}",
         *extra,
     ]
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture

@@ -12,10 +12,9 @@ from .conftest import tiny_overrides
 
 
 @pytest.fixture
-def four_cpus():
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+def four_cpus(own_ray):
+    """A Ray of exactly 4 CPUs, all of which the roles below take (not the shared one)."""
+    own_ray(num_cpus=4)
 
 
 def test_shutdown_returns_once_the_cpus_are_free_so_new_roles_get_full_shares(four_cpus, tmp_path):
@@ -84,10 +83,10 @@ class GpuRoles(Roles):
 
 
 @pytest.fixture
-def four_gpus():
-    ray.init(num_cpus=16, num_gpus=4, include_dashboard=False)  # logical GPUs, no CUDA
-    yield ray.get_runtime_context().get_node_id()
-    ray.shutdown()
+def four_gpus(own_ray):
+    """A Ray of its own with 4 logical GPUs (no CUDA): the shared one has none."""
+    own_ray(num_cpus=16, num_gpus=4)
+    return ray.get_runtime_context().get_node_id()
 
 
 def gpu_roles(tmp_path, probe, timeout_s=30.0) -> GpuRoles:

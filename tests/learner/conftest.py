@@ -1,4 +1,4 @@
-"""Shared fixtures of the learner tests: one Ray session per module, configs, batches, and a
+"""Shared fixtures of the learner tests: configs, batches, and a
 single-process reference trainer (plain HF model + torch AdamW + the same loss functions)."""
 
 import math
@@ -7,7 +7,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
@@ -22,13 +21,6 @@ from gad_ray.algorithms import (
 )
 from gad_ray.config.schema import Config, validate_config
 from gad_ray.data.batch import TokenBatch, make_batch
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def make_cfg(model_dir: Path | str, **learner) -> Config:

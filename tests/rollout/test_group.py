@@ -22,12 +22,10 @@ def make_config(model_dir, **rollout) -> Config:
 
 
 @pytest.fixture(scope="module")
-def group(tiny_model_dir):
-    ray.init(num_cpus=4, include_dashboard=False)
+def group(ray_session, tiny_model_dir):
     g = RolloutGroup(make_config(tiny_model_dir, num_workers=2), str(tiny_model_dir))
     yield g
     g.shutdown()
-    ray.shutdown()
 
 
 def test_group_returns_prompt_major_in_prompt_order(group):
@@ -63,7 +61,7 @@ def test_group_weight_sync_and_sleep(group, tiny_model_dir):
     assert [r["supported"] for r in group.wake_up()] == [False, False]
 
 
-def test_hf_backend_group(tiny_model_dir):
+def test_hf_backend_group(ray_session, tiny_model_dir):
     g = RolloutGroup(make_config(tiny_model_dir, backend="hf"), str(tiny_model_dir))
     try:
         assert g.info[0]["backend"] == "hf"

@@ -25,8 +25,7 @@ PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [100, 200]]
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+def setup(ray_session, tiny_model_dir):
     raw = lora_cfg(tiny_model_dir).model_dump()
     raw["algorithm"]["generator_optim"]["lr"] = 1e-2  # a few steps change greedy outputs
     cfg = validate_config(raw, check_model_context=False)
@@ -46,7 +45,8 @@ def setup(tiny_model_dir):
     ray.get([vllm.health.remote(), hf.health.remote()])
     yield group, {"vllm": vllm, "hf": hf}
     group.shutdown()
-    ray.shutdown()
+    ray.kill(vllm)
+    ray.kill(hf)
 
 
 def greedy(worker, max_tokens: int = 10) -> list[list[int]]:

@@ -4,7 +4,6 @@ learner's recomputation: for Qwen2 with tied embeddings (``tiny``, the driver te
 with a separate lm_head (``small``), and for the Llama layout (``tiny-llama``, tied)."""
 
 import pytest
-import ray
 import torch
 
 from gad_ray.config.schema import Config
@@ -17,13 +16,6 @@ from gad_ray.rollout.types import Sample, SamplingParams
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [100, 200], [42] * 6]
 TARGETS = [[20, 21, 22], [30, 31], [40, 41, 42, 43], [50]]
 MAX_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def make_config(path: str) -> Config:
@@ -55,7 +47,7 @@ def max_gap(samples: list[Sample], learner: list[torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize("spec", ["tiny:tiny", "tiny:small", "tiny:tiny-llama"])
-def test_trained_weights_reach_vllm(ray_local, spec):
+def test_trained_weights_reach_vllm(ray_session, spec):
     path = resolve_model_path(spec)
     pad_id = load_tokenizer(path).pad_token_id
     cfg = make_config(path)
