@@ -96,16 +96,16 @@ def test_training_batches_eval_set_and_gad_eval_prompts_use_it(
 
 
 def test_the_exported_tokenizer_carries_the_template(tmp_path, tiny_model_dir, ray_session):
-    from gad_ray.config.schema import validate_config
     from gad_ray.learner import GeneratorGroup
+    from tests.config_builder import make_config
 
-    raw = {
-        "model": {"student": {"path": str(tiny_model_dir)}},
-        "algorithm": {"name": "gad"},
-        "data": {"train_path": "unused.jsonl", "prompts_per_step": 2, "chat_template": TEMPLATE},
-        "learner": {"micro_batch_size": 2},
-    }
-    cfg = validate_config(raw, check_model_context=False)
+    cfg = make_config(
+        hydra=False,
+        model__student__path=str(tiny_model_dir),
+        algorithm__name="gad",
+        data={"train_path": "unused.jsonl", "prompts_per_step": 2, "chat_template": TEMPLATE},
+        learner__micro_batch_size=2,
+    )
     group = GeneratorGroup(cfg)
     try:
         group.save_pretrained(str(tmp_path / "hf"))

@@ -16,7 +16,7 @@ from gad_ray.discriminator import DiscriminatorGroup
 from gad_ray.discriminator.ends import ResponseEnds
 from gad_ray.models.loading import load_tokenizer
 from gad_ray.models.tiny import IM_END, PAD_TOKEN, build_tiny_model
-from tests.learner.conftest import make_cfg
+from tests.config_builder import learner_config
 
 TEXTS = ["the cat sat", "water is long and very little", "we can do it"]
 
@@ -35,7 +35,7 @@ def qwen_like_dir(tmp_path_factory):
 def rows(model_dir):
     """(the ends, teacher rows as the data pipeline tokenizes them, student response ids
     ending with each end id the sampler stops at, plus a truncated one)"""
-    cfg = make_cfg(model_dir)
+    cfg = learner_config(model_dir)
     tok = load_tokenizer(str(model_dir))
     examples = [Example(str(i), [{"role": "user", "content": t}], t) for i, t in enumerate(TEXTS)]
     data = DataConfig(train_path="unused.jsonl", max_prompt_length=64, max_response_length=32)
@@ -56,7 +56,7 @@ def test_ends_are_the_tokenizers_eos_and_the_generation_configs_ids(qwen_like_di
     # without a generation config: the model config's end id
     plain = build_tiny_model(tmp_path / "plain")
     (plain / "generation_config.json").unlink()
-    assert ResponseEnds.of(make_cfg(plain)).stops == {im_end}
+    assert ResponseEnds.of(learner_config(plain)).stops == {im_end}
 
 
 def test_student_rows_end_like_teacher_rows_truncated_ones_as_they_are(qwen_like_dir):

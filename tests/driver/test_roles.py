@@ -7,8 +7,7 @@ import ray
 
 from gad_ray.driver.roles import GpuMemoryHeld, Roles
 from gad_ray.models.loading import resolve_model_path
-
-from .conftest import tiny_overrides
+from tests.config_builder import make_config, tiny_run
 
 
 @pytest.fixture
@@ -22,9 +21,8 @@ def test_shutdown_returns_once_the_cpus_are_free_so_new_roles_get_full_shares(fo
     right after a shutdown (a restart, a resumed run in the same Ray session) must get the same
     shares: ray.kill returns before the processes exit, and fitting the new roles to the CPUs
     not yet released gave shares of ~1e-5 CPU, below Ray's unit (a ValueError)."""
-    from gad_ray.config.hydra_app import compose
 
-    cfg = compose(tiny_overrides(tmp_path / "run"))
+    cfg = make_config(*tiny_run(tmp_path / "run"))
     sets = [("generator", "discriminator")]
     student = resolve_model_path(cfg.model.student.path)
     for _ in range(2):
@@ -90,10 +88,8 @@ def four_gpus(own_ray):
 
 
 def gpu_roles(tmp_path, probe, timeout_s=30.0) -> GpuRoles:
-    from gad_ray.config.hydra_app import compose
-
-    cfg = compose(
-        tiny_overrides(
+    cfg = make_config(
+        *tiny_run(
             tmp_path / "run",
             "cluster.gpus_per_node=4",
             "cluster.placement=colocated",

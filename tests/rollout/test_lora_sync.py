@@ -10,13 +10,14 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from gad_ray.config.schema import RolloutConfig, validate_config
+from gad_ray.config.schema import RolloutConfig
 from gad_ray.learner import GeneratorGroup
 from gad_ray.models.loading import VLLM_CPU_ENV
 from gad_ray.rollout.hf_worker import HFRolloutWorker
 from gad_ray.rollout.types import SamplingParams
 from gad_ray.rollout.vllm_worker import RolloutWorker
 from gad_ray.rollout.weight_sync import send_weights
+from tests.config_builder import make_config
 from tests.learner.conftest import make_token_batch
 from tests.learner.test_lora import lora_cfg
 
@@ -26,9 +27,8 @@ PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [100, 200]]
 
 @pytest.fixture(scope="module")
 def setup(ray_session, tiny_model_dir):
-    raw = lora_cfg(tiny_model_dir).model_dump()
-    raw["algorithm"]["generator_optim"]["lr"] = 1e-2  # a few steps change greedy outputs
-    cfg = validate_config(raw, check_model_context=False)
+    # lr 1e-2: a few steps change greedy outputs
+    cfg = make_config(base=lora_cfg(tiny_model_dir), algorithm__generator_optim__lr=1e-2)
     rank = cfg.model.student.lora.rank
     path = str(tiny_model_dir)
     vllm = (
