@@ -23,13 +23,12 @@ RELEASE_TIMEOUT_S = 30.0  # for a module's actors to give their CPUs back (ray.k
 
 
 class RayCluster:
-    """Starts the shared cluster on first use and keeps it across modules; stops it for a test
-    or module with a Ray of its own (:meth:`own`) and for tests that use none."""
+    """Starts the shared cluster on first use and keeps it across modules (tests that use no
+    Ray run beside it); stops it for a test or module with a Ray of its own (:meth:`own`) and
+    for a test that needs no Ray running (``no_ray``)."""
 
     def __init__(self) -> None:
         self.node: str | None = None  # the node id of the running shared cluster
-        self.module: str | None = None  # the module using it now
-        self.owned = False  # a test's or module's own Ray runs
         self.starts = 0
 
     def up(self) -> None:
@@ -51,11 +50,9 @@ class RayCluster:
         """Stops the shared cluster and gives ``start(**init)`` (``ray.init`` without the
         dashboard) for a Ray of the caller's own, shut down on exit."""
         self.down()
-        self.owned = True
         try:
             yield lambda **init: ray.init(**{"include_dashboard": False, **init})
         finally:
-            self.owned = False
             if ray.is_initialized():
                 ray.shutdown()
 
@@ -90,9 +87,7 @@ def ray_session(request: pytest.FixtureRequest, ray_cluster: RayCluster) -> Iter
     must be free again; if not, the cluster is restarted for the next module (and a warning
     names the module), so no module sees another's actors."""
     ray_cluster.up()
-    ray_cluster.module = request.node.nodeid
     yield
-    ray_cluster.module = None
     if ray_cluster.node is not None and (held := ray_cluster.held_cpus()) > 1e-6:
         where = request.node.nodeid
         warnings.warn(
@@ -110,15 +105,18 @@ def own_ray(ray_cluster: RayCluster) -> Iterator[Callable[..., Any]]:
         yield start
 
 
+@pytest.fixture
+def no_ray(ray_cluster: RayCluster) -> None:
+    """For a test that checks that no Ray runs (e.g. a config error caught before Ray starts):
+    the shared cluster is stopped (the next test that uses it starts it again)."""
+    ray_cluster.down()
+
+
 @pytest.fixture(autouse=True)
-def _ray_only_where_used(request: pytest.FixtureRequest, ray_cluster: RayCluster) -> None:
-    """A test runs with the shared cluster only if it (or its module, now) uses it: outside, no
-    Ray runs (some tests check that, or start one). After a test with its own Ray, the shared
-    one comes back for the next test that uses it."""
+def _shared_ray_back(request: pytest.FixtureRequest, ray_cluster: RayCluster) -> None:
+    """In a module that uses the shared cluster, it comes back after a test that stopped it."""
     if "ray_session" in request.fixturenames:
         ray_cluster.up()
-    elif ray_cluster.module is None and not ray_cluster.owned:
-        ray_cluster.down()
 
 
 @pytest.fixture(scope="session")

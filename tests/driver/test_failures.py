@@ -54,7 +54,7 @@ def without(text: str, path: Path | str) -> str:
     return text
 
 
-def test_config_errors_are_caught_before_any_actor_starts(make_cfg):
+def test_config_errors_are_caught_before_any_actor_starts(make_cfg, no_ray):
     with pytest.raises(ConfigError, match="algorithm.grpo.n_samples=1"):
         make_cfg("algorithm.grpo.n_samples=1")
     assert not ray.is_initialized()
