@@ -1,5 +1,5 @@
-"""Fixtures of the export tests: a base model whose generation
-config is not the one transformers derives from its model config, greedy generation."""
+"""Fixtures of the export tests: a base model whose generation config is not the one
+transformers derives from its model config, greedy generation."""
 
 import json
 import shutil

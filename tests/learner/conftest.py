@@ -1,5 +1,5 @@
-"""Shared fixtures of the learner tests: configs, batches, and a
-single-process reference trainer (plain HF model + torch AdamW + the same loss functions)."""
+"""Shared fixtures of the learner tests: batches, and a single-process reference trainer (plain
+HF model + torch AdamW + the same loss functions); configs come from tests/config_builder.py."""
 
 import math
 import random
@@ -111,7 +111,8 @@ def assert_params_close(got: dict, want: dict, tol: float = 1e-5) -> None:
 
 @pytest.fixture(scope="session")
 def lh() -> SimpleNamespace:
-    """The helpers above, for test modules (conftest is not importable as a module)."""
+    """The helpers above and the learner config builder, for test modules (conftest is not
+    importable as a module)."""
     return SimpleNamespace(
         learner_config=learner_config,
         make_token_batch=make_token_batch,
