@@ -79,7 +79,8 @@ def test_too_many_ranks_for_the_cluster_is_a_clear_error(group, tiny_model_dir, 
 
 
 def test_a_dead_rank_names_role_and_rank_and_shutdown_frees_resources(group):
-    assert ray.available_resources().get("CPU", 0) <= 2  # 2 of the 4 CPUs are reserved
+    held = ray.cluster_resources()["CPU"] - ray.available_resources().get("CPU", 0)
+    assert held >= 2  # the 2 ranks' CPUs are reserved
     with pytest.raises(LearnerError, match=r"probe learner rank 1 died"):
         group.run("die_on", 1)
     group.shutdown()
