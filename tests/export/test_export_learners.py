@@ -28,7 +28,8 @@ def run_cfg(model_dir: Path, run: Path, lora: tuple[str, ...], **learner) -> Con
     """A learner config with LoRA (rank 4) on the ``lora`` models, written to ``run`` as the
     driver writes a run's config."""
     cfg = make_config(
-        base=learner_config(model_dir, **learner),
+        base=learner_config(model_dir),
+        **{f"learner__{key}": value for key, value in learner.items()},
         **{f"model__{who}__lora": {"rank": 4, "alpha": 8.0} for who in lora},
         algorithm__discriminator_optim__lr=1e-3,
         algorithm__discriminator_optim__eps=1e-6,
