@@ -19,10 +19,12 @@ class Probe:
 
 
 @pytest.fixture(scope="module")
-def gpu_ray():
-    ray.init(num_cpus=16, num_gpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+def gpu_ray(ray_cluster):
+    """A Ray of its own with 4 logical GPUs (no CUDA needed to place actors): the shared one
+    has none."""
+    with ray_cluster.own() as start:
+        start(num_cpus=16, num_gpus=4)
+        yield
 
 
 def _cfg(*extra):

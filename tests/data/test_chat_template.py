@@ -5,7 +5,6 @@ tokenizer. The last test starts a learner (Ray): run this file through /work/hel
 import json
 
 import pytest
-import ray
 from transformers import AutoTokenizer
 
 from gad_ray.config.schema import ConfigError, DataConfig
@@ -96,26 +95,22 @@ def test_training_batches_eval_set_and_gad_eval_prompts_use_it(
     assert [tok.decode(p) for p in prompts] == [RENDERED] and cut == [False]
 
 
-def test_the_exported_tokenizer_carries_the_template(tmp_path, tiny_model_dir):
+def test_the_exported_tokenizer_carries_the_template(tmp_path, tiny_model_dir, ray_session):
     from gad_ray.learner import GeneratorGroup
-    from gad_ray.validate import validate_config
+    from tests.config_builder import make_config
 
-    raw = {
-        "model": {"student": {"path": str(tiny_model_dir)}},
-        "algorithm": {"name": "gad"},
-        "data": {"train_path": "unused.jsonl", "prompts_per_step": 2, "chat_template": TEMPLATE},
-        "learner": {"micro_batch_size": 2},
-    }
-    cfg = validate_config(raw, check_model_context=False)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cfg = make_config(
+        hydra=False,
+        model__student__path=str(tiny_model_dir),
+        algorithm__name="gad",
+        data={"train_path": "unused.jsonl", "prompts_per_step": 2, "chat_template": TEMPLATE},
+        learner__micro_batch_size=2,
+    )
+    group = GeneratorGroup(cfg)
     try:
-        group = GeneratorGroup(cfg)
-        try:
-            group.save_pretrained(str(tmp_path / "hf"))
-        finally:
-            group.shutdown()
+        group.save_pretrained(str(tmp_path / "hf"))
     finally:
-        ray.shutdown()
+        group.shutdown()
     exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert exported.chat_template == TEMPLATE
     text = exported.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)

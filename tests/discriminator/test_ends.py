@@ -6,7 +6,6 @@ ending with the teacher's id. A truncated row stays as it is; G's batch keeps th
 import json
 
 import pytest
-import ray
 import torch
 
 from gad_ray.config.schema import DataConfig
@@ -17,7 +16,7 @@ from gad_ray.discriminator import DiscriminatorGroup
 from gad_ray.discriminator.ends import ResponseEnds
 from gad_ray.models.loading import load_tokenizer
 from gad_ray.models.tiny import IM_END, PAD_TOKEN, build_tiny_model
-from tests.learner.conftest import make_cfg
+from tests.config_builder import learner_config
 
 TEXTS = ["the cat sat", "water is long and very little", "we can do it"]
 
@@ -36,7 +35,7 @@ def qwen_like_dir(tmp_path_factory):
 def rows(model_dir):
     """(the ends, teacher rows as the data pipeline tokenizes them, student response ids
     ending with each end id the sampler stops at, plus a truncated one)"""
-    cfg = make_cfg(model_dir)
+    cfg = learner_config(model_dir)
     tok = load_tokenizer(str(model_dir))
     examples = [Example(str(i), [{"role": "user", "content": t}], t) for i, t in enumerate(TEXTS)]
     data = DataConfig(train_path="unused.jsonl", max_prompt_length=64, max_response_length=32)
@@ -57,7 +56,7 @@ def test_ends_are_the_tokenizers_eos_and_the_generation_configs_ids(qwen_like_di
     # without a generation config: the model config's end id
     plain = build_tiny_model(tmp_path / "plain")
     (plain / "generation_config.json").unlink()
-    assert ResponseEnds.of(make_cfg(plain)).stops == {im_end}
+    assert ResponseEnds.of(learner_config(plain)).stops == {im_end}
 
 
 def test_student_rows_end_like_teacher_rows_truncated_ones_as_they_are(qwen_like_dir):
@@ -73,13 +72,6 @@ def test_student_rows_end_like_teacher_rows_truncated_ones_as_they_are(qwen_like
     assert out.response_tokens(len(students) - 1) == students[-1]  # truncated: unchanged
     for name in ("attention_mask", "response_mask", "prompt_lens", "response_lens"):
         assert torch.equal(getattr(out, name), getattr(batch, name)), name
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_d_scores_a_row_ending_with_any_end_id_as_with_the_teachers(qwen_like_dir, ray_session):

@@ -7,44 +7,34 @@ head), and they are the single-process D's within the bf16 backbone's noise. The
 loss and gradient norm are the single-process step's, within that noise."""
 
 import pytest
-import ray
 import torch
 
 from gad_ray.algorithms import bt_loss
 from gad_ray.discriminator import DiscriminatorGroup, DiscriminatorModel
-from gad_ray.validate import validate_config
+from tests.config_builder import make_config
 from tests.learner.conftest import make_token_batch
 
 PAIRS = torch.tensor([0, 0, 1, 1, 2, 2])
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def bf16_cfg(model_dir, backend: str, zero: int, ranks: int):
-    raw = {
-        "model": {
-            "student": {"path": str(model_dir), "dtype": "bfloat16"},
-            "discriminator": {"dtype": "bfloat16"},
-        },
-        "algorithm": {
+    return make_config(
+        hydra=False,
+        model__student={"path": str(model_dir), "dtype": "bfloat16"},
+        model__discriminator__dtype="bfloat16",
+        algorithm={
             "name": "gad",
             "grpo": {"n_samples": 2},
             "discriminator_optim": {"lr": 1e-3, "grad_clip": None, "weight_decay": 0.0},
         },
-        "data": {"train_path": "unused.jsonl", "prompts_per_step": 4},
-        "learner": {
+        data={"train_path": "unused.jsonl", "prompts_per_step": 4},
+        learner={
             "backend": backend,
             "zero_stage": zero,
             "micro_batch_size": 2,
             "discriminator_ranks": ranks,
         },
-    }
-    return validate_config(raw, check_model_context=False)
+    )
 
 
 def reference(model_dir, seed: int) -> DiscriminatorModel:

@@ -11,23 +11,16 @@ import torch
 from transformers import AutoTokenizer
 
 from gad_ray.algorithms import bt_loss
-from gad_ray.config.schema import OptimConfig
 from gad_ray.discriminator import DiscriminatorGroup, DiscriminatorModel
 from gad_ray.models.loading import ModelLoadError, load_tokenizer
+from tests.config_builder import learner_config, make_config
 from tests.driver.helpers import max_rel_diff
-from tests.learner.conftest import make_cfg, make_token_batch
+from tests.learner.conftest import make_token_batch
 
 PAIRS = torch.tensor([0, 0, 1, 1, 2, 2])  # 3 teacher rows, 2 student samples each
 
 # the in-worker row counter below lives in this test module: ship it to the actors by value
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +33,11 @@ def init_dir(tiny_model_dir, tmp_path_factory):
 
 
 def disc_cfg(tiny_model_dir, path, **learner):
-    cfg = make_cfg(tiny_model_dir, discriminator_ranks=2, **learner)
-    cfg.model.discriminator.path = str(path)
-    cfg.algorithm.discriminator_optim = OptimConfig(lr=1e-2, grad_clip=1.0, weight_decay=0.01)
-    return cfg
+    return make_config(
+        base=learner_config(tiny_model_dir, discriminator_ranks=2, **learner),
+        model__discriminator__path=str(path),
+        algorithm__discriminator_optim={"lr": 1e-2, "grad_clip": 1.0, "weight_decay": 0.01},
+    )
 
 
 class ReferenceBT:

@@ -11,7 +11,8 @@ from gad_ray.data.batch import make_batch
 from gad_ray.discriminator.model import DiscriminatorModel, check_discriminator_tokenizer
 from gad_ray.models.loading import ModelLoadError, load_tokenizer
 from gad_ray.models.score_head import ScoreHead, last_response_index
-from tests.learner.conftest import make_cfg, make_token_batch
+from tests.config_builder import learner_config
+from tests.learner.conftest import make_token_batch
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_tokenizer_mismatch_is_a_clear_error(tiny_model_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(other)
     tok.add_tokens(["<extra_token>"])
     tok.save_pretrained(other)
-    cfg = make_cfg(tiny_model_dir)
+    cfg = learner_config(tiny_model_dir)
     assert len(check_discriminator_tokenizer(cfg)) == len(load_tokenizer(str(tiny_model_dir)))
     cfg.model.discriminator.path = str(other)
     with pytest.raises(ModelLoadError, match=r"student .* and discriminator .*other-tok.* differ"):

@@ -1,47 +1,19 @@
 import os
 
 import pytest
-import ray
 
-from gad_ray.hydra_app import compose
+from tests.config_builder import make_config, tiny_run
 
 # Actors inherit the environment Ray was started with: a teacher key must be set before.
 TEACHER_KEY_ENV = "GAD_TEST_TEACHER_KEY"
 os.environ.setdefault(TEACHER_KEY_ENV, "sk-test-outage")
 
 
-def tiny_overrides(run_dir, *extra: str) -> list[str]:
-    """A GAD run small enough for CPU tests: 4 prompts x 2 samples, 2 warmup + 2 GAD steps."""
-    return [
-        "model=tiny",
-        "data.train_path='synthetic:train?n=16&seed=0'",
-        "data.eval_path='synthetic:eval?n=8&seed=1'",
-        "data.max_prompt_length=64",
-        "data.max_response_length=12",
-        "data.prompts_per_step=4",
-        "algorithm.grpo.n_samples=2",
-        "algorithm.warmup.epochs=0.5",
-        "algorithm.warmup.d_only_steps=0",
-        "algorithm.gad.steps=2",
-        "learner.micro_batch_size=2",
-        "rollout.kv_cache_memory_bytes=33554432",
-        "trainer.save_every=2",
-        "trainer.tensorboard=false",
-        f"trainer.run_dir={run_dir}",
-        *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def make_cfg(tmp_path):
+    """The tiny run (:func:`tests.config_builder.tiny_run`) in this test's ``tmp_path/run``."""
+
     def make(*extra: str, run_dir=None):
-        return compose(tiny_overrides(run_dir or tmp_path / "run", *extra))
+        return make_config(*tiny_run(run_dir or tmp_path / "run", *extra))
 
     return make

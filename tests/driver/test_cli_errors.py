@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench.test_gpu_check import HIDE_PACKAGES
-
-from .conftest import tiny_overrides
+from tests.config_builder import tiny_run
 
 GAD_TRAIN = str(Path(sys.executable).parent / "gad-train")
 
@@ -60,7 +59,7 @@ def test_input_mistakes_fail_before_any_actor_without_a_traceback(mistake, tmp_p
         env |= {"GAD_HIDE_PACKAGES": "deepspeed", "PYTHONPATH": str(hook)}
     args = [
         a
-        for a in tiny_overrides(tmp_path / "run")
+        for a in tiny_run(tmp_path / "run")
         if a.split("=")[0] not in {o.split("=")[0] for o in overrides}
     ]
     proc = subprocess.run(

@@ -17,8 +17,9 @@ from gad_ray.config.schema import ConfigError
 from gad_ray.driver.driver import Driver, TrainingAborted, train
 from gad_ray.driver.metrics import read_metrics
 from gad_ray.synthetic.server import start_server_thread
+from tests.config_builder import make_config, tiny_run
 
-from .conftest import TEACHER_KEY_ENV, tiny_overrides
+from .conftest import TEACHER_KEY_ENV
 from .helpers import step_records
 
 
@@ -53,7 +54,7 @@ def without(text: str, path: Path | str) -> str:
     return text
 
 
-def test_config_errors_are_caught_before_any_actor_starts(make_cfg):
+def test_config_errors_are_caught_before_any_actor_starts(make_cfg, no_ray):
     with pytest.raises(ConfigError, match="algorithm.grpo.n_samples=1"):
         make_cfg("algorithm.grpo.n_samples=1")
     assert not ray.is_initialized()
@@ -100,11 +101,9 @@ def test_actor_killed_during_a_step_ends_the_run_then_resume_finishes(ray_sessio
 
 
 def test_teacher_outage_ends_the_run_with_a_resumable_checkpoint(ray_session, tmp_path):
-    from gad_ray.hydra_app import compose
-
     server = start_server_thread(api_key=os.environ[TEACHER_KEY_ENV])
-    cfg = compose(
-        tiny_overrides(
+    cfg = make_config(
+        *tiny_run(
             tmp_path / "run",
             "teacher=api",
             f"teacher.api.base_url={server.base_url}",
@@ -142,7 +141,7 @@ def test_ctrl_c_saves_and_exits_then_resume_finishes(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
         str(Path(sys.executable).parent / "gad-train"),
-        *tiny_overrides(run_dir, "algorithm.gad.steps=30", "trainer.save_every=100"),
+        *tiny_run(run_dir, "algorithm.gad.steps=30", "trainer.save_every=100"),
     ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path

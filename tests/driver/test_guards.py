@@ -8,9 +8,7 @@ from gad_ray.config.schema import GuardsConfig
 from gad_ray.driver.driver import train
 from gad_ray.driver.guards import Guards
 from gad_ray.driver.metrics import read_metrics
-from gad_ray.hydra_app import compose
-
-from .conftest import tiny_overrides
+from tests.config_builder import make_config, tiny_run
 
 ALL_OFF = dict.fromkeys(
     ("len_ratio_max", "truncation_rate_max", "d_acc_max", "d_acc_band", "d_margin_min", "kl_max")
@@ -137,8 +135,8 @@ WARMUP, GAD = 12, 30
 
 
 def run_cfg(run_dir, *extra: str):
-    return compose(
-        tiny_overrides(
+    return make_config(
+        *tiny_run(
             run_dir,
             "data.train_path='synthetic:train?n=512&seed=0&tasks=copy,upper,fruit,synonym"
             "&min_len=1&max_len=3'",

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from gad_ray import run_dir as st
 from gad_ray.driver.driver import Driver, TrainingAborted, train
 from gad_ray.driver.metrics import read_metrics
-from gad_ray.hydra_app import compose
 from gad_ray.synthetic.server import start_server_thread
+from tests.config_builder import make_config, tiny_run
 
-from .conftest import TEACHER_KEY_ENV, tiny_overrides
+from .conftest import TEACHER_KEY_ENV
 from .helpers import assert_same_records, step_records
 
 # deterministic tasks (the multi-modal ones draw their answer at random per request)
@@ -49,8 +49,8 @@ def teacher():
 def _cfg(run_dir, base_url, *extra):
     """2 warmup + 4 GAD steps over 4 batches of 4 prompts (an epoch ends at step 4), the
     teacher live over HTTP, a checkpoint every step."""
-    return compose(
-        tiny_overrides(
+    return make_config(
+        *tiny_run(
             run_dir,
             f"data.train_path='synthetic:train?n=16&seed=0&{TASKS}'",
             f"data.eval_path='synthetic:eval?n=8&seed=1&{TASKS}'",

@@ -49,15 +49,6 @@ def overrides(run_dir, models, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(student, teacher, teacher data): the teacher is the student after 30 SFT steps on the
     synthetic teacher's framed answers; the data are such answers too."""

@@ -6,18 +6,15 @@ import pytest
 import torch
 
 from gad_ray.driver.driver import Driver, train
+from tests.config_builder import make_config, tiny_run
 
 from .helpers import assert_same_records, step_records
 
 
 @pytest.fixture(scope="module")
 def sync_run(ray_session, tmp_path_factory):
-    from gad_ray.hydra_app import compose
-
-    from .conftest import tiny_overrides
-
     run = tmp_path_factory.mktemp("sync") / "run"
-    return train(compose(tiny_overrides(run, "trainer.overlap_d_g=false")))
+    return train(make_config(*tiny_run(run, "trainer.overlap_d_g=false")))
 
 
 def test_d_and_g_in_parallel_give_the_sequential_metrics(sync_run, make_cfg, tmp_path):
@@ -80,12 +77,8 @@ OFF = ("trainer.pipeline=one_step_off", "algorithm.generator_optim.lr=1e-2", "tr
 
 @pytest.fixture(scope="module")
 def off_run(ray_session, tmp_path_factory):
-    from gad_ray.hydra_app import compose
-
-    from .conftest import tiny_overrides
-
     run = tmp_path_factory.mktemp("off") / "run"
-    return train(compose(tiny_overrides(run, *OFF, "algorithm.gad.steps=3")))
+    return train(make_config(*tiny_run(run, *OFF, "algorithm.gad.steps=3")))
 
 
 def test_one_step_off_trains_on_one_step_stale_samples_with_real_ppo_ratios(off_run):

@@ -62,15 +62,6 @@ def _steps(run_dir):
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(student, proxy) directories built here, so both carry today's tiny tokenizer."""
     student = build_tiny_model(tmp_path_factory.mktemp("student"), size="tiny")

@@ -7,15 +7,13 @@ import ray
 
 from gad_ray.driver.roles import GpuMemoryHeld, Roles
 from gad_ray.models.loading import resolve_model_path
-
-from .conftest import tiny_overrides
+from tests.config_builder import make_config, tiny_run
 
 
 @pytest.fixture
-def four_cpus():
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+def four_cpus(own_ray):
+    """A Ray of exactly 4 CPUs, all of which the roles below take (not the shared one)."""
+    own_ray(num_cpus=4)
 
 
 def test_shutdown_returns_once_the_cpus_are_free_so_new_roles_get_full_shares(four_cpus, tmp_path):
@@ -23,9 +21,8 @@ def test_shutdown_returns_once_the_cpus_are_free_so_new_roles_get_full_shares(fo
     right after a shutdown (a restart, a resumed run in the same Ray session) must get the same
     shares: ray.kill returns before the processes exit, and fitting the new roles to the CPUs
     not yet released gave shares of ~1e-5 CPU, below Ray's unit (a ValueError)."""
-    from gad_ray.hydra_app import compose
 
-    cfg = compose(tiny_overrides(tmp_path / "run"))
+    cfg = make_config(*tiny_run(tmp_path / "run"))
     sets = [("generator", "discriminator")]
     student = resolve_model_path(cfg.model.student.path)
     for _ in range(2):
@@ -84,17 +81,15 @@ class GpuRoles(Roles):
 
 
 @pytest.fixture
-def four_gpus():
-    ray.init(num_cpus=16, num_gpus=4, include_dashboard=False)  # logical GPUs, no CUDA
-    yield ray.get_runtime_context().get_node_id()
-    ray.shutdown()
+def four_gpus(own_ray):
+    """A Ray of its own with 4 logical GPUs (no CUDA): the shared one has none."""
+    own_ray(num_cpus=16, num_gpus=4)
+    return ray.get_runtime_context().get_node_id()
 
 
 def gpu_roles(tmp_path, probe, timeout_s=30.0) -> GpuRoles:
-    from gad_ray.hydra_app import compose
-
-    cfg = compose(
-        tiny_overrides(
+    cfg = make_config(
+        *tiny_run(
             tmp_path / "run",
             "cluster.gpus_per_node=4",
             "cluster.placement=colocated",

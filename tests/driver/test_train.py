@@ -7,9 +7,8 @@ import pytest
 from gad_ray import recipes
 from gad_ray.driver.driver import train
 from gad_ray.driver.metrics import read_metrics
-from gad_ray.hydra_app import compose
+from tests.config_builder import make_config, tiny_run
 
-from .conftest import tiny_overrides
 from .helpers import (
     assert_same_records,
     checkpoint_state,
@@ -136,7 +135,7 @@ TOTAL = 5
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, tmp_path_factory):
-    return train(compose(tiny_overrides(tmp_path_factory.mktemp("uninterrupted") / "run", *RESUME)))
+    return train(make_config(*tiny_run(tmp_path_factory.mktemp("uninterrupted") / "run", *RESUME)))
 
 
 @pytest.mark.parametrize("stop", [2, 3], ids=["at-warmup-gad-boundary", "mid-gad"])
@@ -149,7 +148,7 @@ def test_resumed_run_equals_the_uninterrupted_run(uninterrupted, tmp_path, stop)
     ckpt = f"checkpoints/step_{stop:08d}"
     shutil.copytree(uninterrupted / ckpt, run_dir / ckpt)
     shutil.copy(uninterrupted / "metrics.jsonl", run_dir / "metrics.jsonl")  # incl. later steps
-    resumed = train(compose(tiny_overrides(run_dir, *RESUME)))
+    resumed = train(make_config(*tiny_run(run_dir, *RESUME)))
 
     steps = step_records(resumed)
     assert [r["step"] for r in steps] == list(range(TOTAL))  # each step once

@@ -6,10 +6,9 @@ import math
 import pytest
 
 from gad_ray.driver.driver import train
-from gad_ray.hydra_app import compose
 from gad_ray.models.loading import resolve_model_path
+from tests.config_builder import make_config, tiny_run
 
-from .conftest import tiny_overrides
 from .helpers import (
     assert_finite,
     assert_same_records,
@@ -24,11 +23,11 @@ G_WARMUP_KEYS = ("g_loss", "g_grad_norm", "g_lr")
 
 @pytest.fixture(scope="module")
 def default_run(ray_session, tmp_path_factory):
-    return train(compose(tiny_overrides(tmp_path_factory.mktemp("default") / "run")))
+    return train(make_config(*tiny_run(tmp_path_factory.mktemp("default") / "run")))
 
 
 def run(tmp_path, *extra: str):
-    return train(compose(tiny_overrides(tmp_path / "run", *extra)))
+    return train(make_config(*tiny_run(tmp_path / "run", *extra)))
 
 
 def check_complete_run(run_dir) -> None:

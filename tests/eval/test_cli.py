@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 
 from gad_ray.data.dataset import DataError
 from gad_ray.eval.cli import EvalError, run_eval
@@ -25,12 +24,11 @@ KEY_ENV = "GAD_EVAL_TEST_KEY"
 
 
 @pytest.fixture(scope="module")
-def judge() -> Iterator[RunningServer]:
+def judge(ray_session) -> Iterator[RunningServer]:
+    """The synthetic judge; gad-eval joins the shared Ray (its engines run there)."""
     with pytest.MonkeyPatch.context() as mp, start_server_thread(seed=0) as server:
         mp.setenv(KEY_ENV, "unused")
         yield server
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
-"""Fixtures of the export tests: one Ray session per module, a base model whose generation
-config is not the one transformers derives from its model config, greedy generation."""
+"""Fixtures of the export tests: a base model whose generation config is not the one
+transformers derives from its model config, greedy generation."""
 
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -25,13 +24,6 @@ GENERATION = {
     "top_p": 0.8,
     "repetition_penalty": 1.05,
 }
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from gad_ray.discriminator.model import DiscriminatorModel
 from gad_ray.discriminator.shared import SharedGroup
 from gad_ray.export import export_checkpoint
 from gad_ray.learner import GeneratorGroup
-from gad_ray.validate import validate_config
+from tests.config_builder import learner_config, make_config
 from tests.driver.helpers import exported_weights
-from tests.learner.conftest import make_cfg, make_token_batch, ref_logprobs
+from tests.learner.conftest import make_token_batch, ref_logprobs
 
 PAIRS = torch.tensor([0, 0, 1, 1])  # student row j pairs with teacher row PAIRS[j]
 
@@ -27,13 +27,14 @@ PAIRS = torch.tensor([0, 0, 1, 1])  # student row j pairs with teacher row PAIRS
 def run_cfg(model_dir: Path, run: Path, lora: tuple[str, ...], **learner) -> Config:
     """A learner config with LoRA (rank 4) on the ``lora`` models, written to ``run`` as the
     driver writes a run's config."""
-    raw = make_cfg(model_dir).model_dump()
-    raw["learner"] |= learner
-    for who in lora:
-        raw["model"][who]["lora"] = {"rank": 4, "alpha": 8.0}
-    raw["algorithm"]["discriminator_optim"] |= {"lr": 1e-3, "eps": 1e-6}
-    raw["trainer"]["run_dir"] = str(run)
-    cfg = validate_config(raw, check_model_context=False)
+    cfg = make_config(
+        base=learner_config(model_dir),
+        **{f"learner__{key}": value for key, value in learner.items()},
+        **{f"model__{who}__lora": {"rank": 4, "alpha": 8.0} for who in lora},
+        algorithm__discriminator_optim__lr=1e-3,
+        algorithm__discriminator_optim__eps=1e-6,
+        trainer__run_dir=str(run),
+    )
     st.prepare_run_dir(cfg)
     return cfg
 

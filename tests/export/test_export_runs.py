@@ -20,7 +20,7 @@ from gad_ray.export.convert import SOURCE_FILE
 from gad_ray.hydra_app import compose
 from gad_ray.synthetic.server import start_server_thread
 from gad_ray.synthetic.tasks import make_dataset, write_dataset
-from tests.driver.conftest import tiny_overrides
+from tests.config_builder import make_config, tiny_run
 from tests.driver.helpers import exported_weights, model_weights
 from tests.export.conftest import greedy
 
@@ -49,7 +49,7 @@ def fsdp_run(ray_session, base_dir, tmp_path_factory) -> Path:
     """4 steps (2 SFT warmup, 2 GAD), checkpoints and exports at steps 2 and 4."""
     run = tmp_path_factory.mktemp("fsdp") / "run"
     extra = (f"model.student.path={base_dir}", "learner.generator_ranks=2")
-    return train(compose(tiny_overrides(run, *extra, "trainer.export_every=2")))
+    return train(make_config(*tiny_run(run, *extra, "trainer.export_every=2")))
 
 
 def test_mid_run_checkpoint_exports_as_the_learner_at_that_step(fsdp_run, base_dir, tmp_path):
@@ -164,7 +164,7 @@ def ds_lora_run(ray_session, base_dir, tmp_path_factory) -> Path:
         "model.discriminator.lora.rank=4",
         "trainer.export_every=2",
     )
-    return train(compose(tiny_overrides(run, *extra)))
+    return train(make_config(*tiny_run(run, *extra)))
 
 
 def test_lora_checkpoint_exports_the_adapter_or_the_merged_model(ds_lora_run, base_dir, tmp_path):

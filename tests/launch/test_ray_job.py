@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gad_ray.driver.metrics import read_metrics
 from gad_ray.run_dir import checkpoint_problem
-from tests.driver.conftest import tiny_overrides
+from tests.config_builder import tiny_run
 
 from .cluster import BIN, LocalRayCluster
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _overrides(*extra: str) -> list[str]:
     """The tiny CPU run without a trainer.run_dir: the job decides where it goes."""
-    keep = [o for o in tiny_overrides("unused") if not o.startswith("trainer.run_dir=")]
+    keep = [o for o in tiny_run("unused") if not o.startswith("trainer.run_dir=")]
     return [*keep, "cluster.log_to_driver=false", *extra]
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.driver.conftest import tiny_overrides
+from tests.config_builder import tiny_run
 
 from .cluster import BIN, LocalRayCluster
 
@@ -83,7 +83,7 @@ def test_a_node_that_does_not_see_the_run_dir_stops_the_run(tmp_path):
         train = subprocess.run(
             [
                 str(BIN / "gad-train"),
-                *tiny_overrides(run_dir, f"cluster.address={cluster.gcs}"),
+                *tiny_run(run_dir, f"cluster.address={cluster.gcs}"),
             ],
             env=cluster.env,
             capture_output=True,

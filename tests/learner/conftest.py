@@ -1,5 +1,5 @@
-"""Shared fixtures of the learner tests: one Ray session per module, configs, batches, and a
-single-process reference trainer (plain HF model + torch AdamW + the same loss functions)."""
+"""Shared fixtures of the learner tests: batches, and a single-process reference trainer (plain
+HF model + torch AdamW + the same loss functions); configs come from tests/config_builder.py."""
 
 import math
 import random
@@ -7,7 +7,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
@@ -22,36 +21,7 @@ from gad_ray.algorithms import (
 )
 from gad_ray.config.schema import Config
 from gad_ray.data.batch import TokenBatch, make_batch
-from gad_ray.validate import validate_config
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def make_cfg(model_dir: Path | str, **learner) -> Config:
-    """A tiny-run config: GAD with lr 1e-3 so one step visibly moves the weights, and Adam eps
-    1e-6 so that zero-in-theory gradients (e.g. attention key biases) carrying float noise do
-    not get normalised into full-size steps that differ between summation orders."""
-    raw = {
-        "model": {"student": {"path": str(model_dir)}},
-        "algorithm": {
-            "name": "gad",
-            "grpo": {"n_samples": 2, "kl_coef": 0.1, "dual_clip": 3.0},
-            "generator_optim": {"lr": 1e-3, "eps": 1e-6, "grad_clip": 1.0, "weight_decay": 0.01},
-        },
-        "data": {
-            "train_path": "unused.jsonl",
-            "prompts_per_step": 4,
-            "max_prompt_length": 10,
-            "max_response_length": 12,
-        },
-        "learner": {"micro_batch_size": 2, **learner},
-    }
-    return validate_config(raw, check_model_context=False)
+from tests.config_builder import learner_config
 
 
 def make_token_batch(seed: int = 0, n: int = 6, vocab: int = 2000, pad_id: int = 0) -> TokenBatch:
@@ -141,9 +111,10 @@ def assert_params_close(got: dict, want: dict, tol: float = 1e-5) -> None:
 
 @pytest.fixture(scope="session")
 def lh() -> SimpleNamespace:
-    """The helpers above, for test modules (conftest is not importable as a module)."""
+    """The helpers above and the learner config builder, for test modules (conftest is not
+    importable as a module)."""
     return SimpleNamespace(
-        make_cfg=make_cfg,
+        learner_config=learner_config,
         make_token_batch=make_token_batch,
         ref_logprobs=ref_logprobs,
         ReferenceTrainer=ReferenceTrainer,

@@ -17,7 +17,7 @@ def resumed(ray_session, tiny_model_dir, lh, tmp_path_factory):
     export = str(tmp_path_factory.mktemp("hf") / "export")
     batch = lh.make_token_batch(seed=1, n=5)
     adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(1))
-    two = GeneratorGroup(lh.make_cfg(tiny_model_dir, generator_ranks=2, micro_batch_size=2))
+    two = GeneratorGroup(lh.learner_config(tiny_model_dir, generator_ranks=2, micro_batch_size=2))
     one = None
     try:
         two.train_sft(batch)
@@ -29,7 +29,9 @@ def resumed(ray_session, tiny_model_dir, lh, tmp_path_factory):
         out["same_group"] = (two.train_grpo(batch, adv, temperature=T), two.full_params())
         two.save_pretrained(export)
         out["export"] = (export, two.compute_logprobs(batch))
-        one = GeneratorGroup(lh.make_cfg(tiny_model_dir, generator_ranks=1, micro_batch_size=1))
+        one = GeneratorGroup(
+            lh.learner_config(tiny_model_dir, generator_ranks=1, micro_batch_size=1)
+        )
         one.load_checkpoint(ckpt)
         out["one_rank"] = (one.train_grpo(batch, adv, temperature=T), one.full_params())
         out["batch"], out["one_rank_group"] = batch, one

@@ -7,11 +7,11 @@ from transformers import AutoModelForCausalLM
 
 from gad_ray.learner import GeneratorGroup
 from gad_ray.learner.deepspeed_engine import deepspeed_config
+from tests.config_builder import learner_config
 from tests.learner.conftest import (
     ReferenceTrainer,
     assert_metrics_close,
     assert_params_close,
-    make_cfg,
     make_token_batch,
 )
 
@@ -22,7 +22,7 @@ T = 0.8  # the temperature the GRPO batches are taken to be sampled at
 def test_deepspeed_generator_steps_match_reference_and_resume(
     stage, ray_session, tiny_model_dir, tmp_path
 ):
-    cfg = make_cfg(tiny_model_dir, backend="deepspeed", zero_stage=stage, generator_ranks=2)
+    cfg = learner_config(tiny_model_dir, backend="deepspeed", zero_stage=stage, generator_ranks=2)
     ref = ReferenceTrainer(tiny_model_dir, cfg)
     group = GeneratorGroup(cfg)
     try:
@@ -58,7 +58,7 @@ def test_deepspeed_generator_steps_match_reference_and_resume(
 
 
 def test_deepspeed_config_from_learner_config(tiny_model_dir):
-    cfg = make_cfg(tiny_model_dir, backend="deepspeed", zero_stage=3, param_offload=True)
+    cfg = learner_config(tiny_model_dir, backend="deepspeed", zero_stage=3, param_offload=True)
     optim = cfg.algorithm.generator_optim
     cpu = deepspeed_config(cfg.learner, optim, torch.device("cpu"), torch.float32)
     assert cpu["zero_optimization"] == {"stage": 3, "overlap_comm": False}  # no offload on CPU

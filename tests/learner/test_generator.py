@@ -9,7 +9,7 @@ from gad_ray.data.batch import make_batch
 from gad_ray.learner import GeneratorGroup, LearnerError
 from gad_ray.models.loading import ModelLoadError
 
-# the samples' temperature, passed with the batch; not make_cfg's algorithm.grpo.temperature
+# the samples' temperature, passed with the batch; not learner_config's algorithm.grpo.temperature
 # (0.8), so matching the reference at T shows the update computes its log-probs at T
 T = 0.6
 
@@ -37,9 +37,9 @@ def runs(ray_session, tiny_model_dir, lh):
     adv = torch.randn(len(batch), generator=gen)
     noise = 0.3 * torch.randn(batch.input_ids.shape, generator=gen) * batch.response_mask
     two = GeneratorGroup(
-        lh.make_cfg(tiny_model_dir, generator_ranks=2, max_tokens_per_micro_batch=24)
+        lh.learner_config(tiny_model_dir, generator_ranks=2, max_tokens_per_micro_batch=24)
     )
-    one = GeneratorGroup(lh.make_cfg(tiny_model_dir, generator_ranks=1, micro_batch_size=1))
+    one = GeneratorGroup(lh.learner_config(tiny_model_dir, generator_ranks=1, micro_batch_size=1))
     try:
         plan = two.plan(batch)
         results = {"two": _steps(two, batch, adv, noise), "one": _steps(one, batch, adv, noise)}
@@ -139,7 +139,7 @@ def test_reset_reference_makes_kl_zero(runs):
 def test_wrong_model_path_is_named(ray_session, tmp_path, lh):
     missing = tmp_path / "no-such-model"
     with pytest.raises(ModelLoadError, match=str(missing)):
-        GeneratorGroup(lh.make_cfg(missing))
+        GeneratorGroup(lh.learner_config(missing))
 
 
 def test_worker_side_load_error_names_role_and_rank(ray_session, tmp_path, tiny_model_dir, lh):
@@ -148,4 +148,4 @@ def test_worker_side_load_error_names_role_and_rank(ray_session, tmp_path, tiny_
     broken.mkdir()
     (broken / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     with pytest.raises(LearnerError, match=r"generator learner rank 0 failed: .*broken"):
-        GeneratorGroup(lh.make_cfg(broken))
+        GeneratorGroup(lh.learner_config(broken))

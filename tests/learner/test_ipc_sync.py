@@ -12,7 +12,7 @@ from gad_ray.rollout.hf_worker import HFRolloutWorker
 
 
 def test_each_rank_sends_to_its_workers_by_ipc(ray_session, tiny_model_dir, lh):
-    cfg = lh.make_cfg(tiny_model_dir, generator_ranks=2)
+    cfg = lh.learner_config(tiny_model_dir, generator_ranks=2)
     cfg.cluster.placement = "colocated"
     cfg.rollout.weight_sync = "ipc"
     cfg.rollout.bucket_bytes = 64 * 1024

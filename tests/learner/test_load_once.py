@@ -26,8 +26,7 @@ from gad_ray.learner.lora import (
     copy_adapter,
 )
 from gad_ray.models.loading import load_causal_lm
-from gad_ray.validate import validate_config
-from tests.learner.conftest import make_cfg
+from tests.config_builder import learner_config, make_config
 from tests.learner.ranks import run_ranks, weight_files_opened
 
 LORA = {"rank": 4, "alpha": 8.0}
@@ -35,13 +34,16 @@ SEED = 7
 
 
 def _cfg(model_dir, backend: str, stage: int, dtype: str, lora: bool) -> Config:
-    raw = make_cfg(model_dir, backend=backend, zero_stage=stage).model_dump()
-    raw["seed"] = SEED
-    for who in ("student", "discriminator"):
-        raw["model"][who]["dtype"] = dtype
-        raw["model"][who]["lora"] = LORA if lora else {"rank": 0}
-    raw["learner"]["shared_base"] = lora and backend == "fsdp"
-    return validate_config(raw, check_model_context=False)
+    spec = LORA if lora else {"rank": 0}
+    return make_config(
+        base=learner_config(model_dir, backend=backend, zero_stage=stage),
+        seed=SEED,
+        model__student__dtype=dtype,
+        model__student__lora=spec,
+        model__discriminator__dtype=dtype,
+        model__discriminator__lora=spec,
+        learner__shared_base=lora and backend == "fsdp",
+    )
 
 
 def _gathered(module: torch.nn.Module) -> dict[str, torch.Tensor]:

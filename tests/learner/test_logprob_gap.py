@@ -7,12 +7,12 @@ import torch
 
 from gad_ray.learner import GeneratorGroup
 
-T = 0.8  # the samples' temperature (make_cfg's algorithm.grpo.temperature too)
+T = 0.8  # the samples' temperature (learner_config's algorithm.grpo.temperature too)
 
 
 @pytest.fixture(scope="module")
 def group(ray_session, tiny_model_dir, lh):
-    cfg = lh.make_cfg(tiny_model_dir, generator_ranks=2, max_tokens_per_micro_batch=24)
+    cfg = lh.learner_config(tiny_model_dir, generator_ranks=2, max_tokens_per_micro_batch=24)
     g = GeneratorGroup(cfg)
     yield g
     g.shutdown()

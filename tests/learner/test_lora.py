@@ -16,13 +16,18 @@ from gad_ray.discriminator.learner import DiscriminatorGroup
 from gad_ray.discriminator.model import discriminator_config, new_head
 from gad_ray.discriminator.shared import SharedGroup
 from gad_ray.learner import GeneratorGroup
-from gad_ray.learner.lora import DISCRIMINATOR, GENERATOR, is_adapter_param, peft_key, relative_key
+from gad_ray.learner.lora import (
+    DISCRIMINATOR,
+    GENERATOR,
+    is_adapter_param,
+    peft_key,
+    relative_key,
+)
 from gad_ray.models.adapter_files import BASE_POINTER
-from gad_ray.validate import validate_config
+from tests.config_builder import learner_config, make_config
 from tests.learner.conftest import (
     ReferenceTrainer,
     assert_metrics_close,
-    make_cfg,
     make_token_batch,
 )
 
@@ -35,13 +40,18 @@ PAIRS = torch.tensor([0, 0, 1, 1])
 
 
 def lora_cfg(model_dir, shared: bool = False, checkpointing: bool = False, **learner):
-    raw = make_cfg(model_dir, **learner).model_dump()
-    for who in ("student", "discriminator"):
-        raw["model"][who]["lora"] = {"rank": RANK, "alpha": ALPHA}
-        raw["model"][who]["gradient_checkpointing"] = checkpointing
-    raw["algorithm"]["discriminator_optim"] |= {"lr": 1e-3, "eps": 1e-6, "grad_clip": 1.0}
-    raw["learner"]["shared_base"] = shared
-    return validate_config(raw, check_model_context=False)
+    lora = {"rank": RANK, "alpha": ALPHA}
+    return make_config(
+        base=learner_config(model_dir, **learner),
+        model__student__lora=lora,
+        model__student__gradient_checkpointing=checkpointing,
+        model__discriminator__lora=lora,
+        model__discriminator__gradient_checkpointing=checkpointing,
+        algorithm__discriminator_optim__lr=1e-3,
+        algorithm__discriminator_optim__eps=1e-6,
+        algorithm__discriminator_optim__grad_clip=1.0,
+        learner__shared_base=shared,
+    )
 
 
 def adapter(params: dict, name: str) -> dict[str, torch.Tensor]:
@@ -290,10 +300,11 @@ def test_checkpoint_holds_only_adapters_and_round_trips(
 def test_export_merged_or_adapter_loads_with_hf_and_peft(
     export, tiny_model_dir, ray_session, tmp_path
 ):
-    raw = lora_cfg(tiny_model_dir).model_dump()
-    raw["model"]["student"]["lora"]["export"] = export
-    raw["model"]["discriminator"]["lora"]["export"] = export
-    cfg = validate_config(raw, check_model_context=False)
+    cfg = make_config(
+        base=lora_cfg(tiny_model_dir),
+        model__student__lora__export=export,
+        model__discriminator__lora__export=export,
+    )
     batch = make_token_batch(seed=3, n=6)
     g = GeneratorGroup(cfg)
     try:

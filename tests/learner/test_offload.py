@@ -24,7 +24,8 @@ from gad_ray.hydra_app import CONF_DIR
 from gad_ray.learner import FSDP2Engine, GeneratorGroup
 from gad_ray.learner.offload import CPU, move_module, move_optimizer_state
 from gad_ray.memory import memory_stats
-from tests.learner.conftest import make_cfg, make_token_batch
+from tests.config_builder import learner_config
+from tests.learner.conftest import make_token_batch
 
 T = 0.8  # the temperature the GRPO batches are taken to be sampled at
 
@@ -202,7 +203,7 @@ def test_offload_round_trip_gives_the_same_steps_as_without(
     step. Every step's metrics and the fp32 masters stay bitwise equal to the group that never
     offloads; the checkpoint saved while offloaded resumes to the same step; no parameter holds
     a gradient after a step."""
-    cfg = make_cfg(
+    cfg = learner_config(
         tiny_model_dir,
         backend=backend,
         zero_stage=stage,
@@ -271,7 +272,7 @@ def test_offload_round_trip_gives_the_same_steps_as_without(
 def test_offloaded_discriminator_scores_and_trains_like_before(ray_session, tiny_model_dir):
     """D (no frozen model): scores survive a copying round trip bitwise; scoring while
     offloaded onloads; a BT step after an offload equals the scores' own step."""
-    cfg = make_cfg(tiny_model_dir, discriminator_ranks=2, offload_idle=True)
+    cfg = learner_config(tiny_model_dir, discriminator_ranks=2, offload_idle=True)
     teacher, student = make_token_batch(seed=7, n=2), make_token_batch(seed=8, n=4)
     group = DiscriminatorGroup(cfg)
     try:
@@ -294,10 +295,10 @@ def test_offload_idle_config(tiny_model_dir):
     conf = Path(CONF_DIR) / "learner"
     for preset in ("fsdp", "deepspeed"):
         assert yaml.safe_load((conf / f"{preset}.yaml").read_text())["offload_idle"] is False
-    assert make_cfg(tiny_model_dir).learner.offload_idle is False
+    assert learner_config(tiny_model_dir).learner.offload_idle is False
     for backend, stage in (("fsdp", 3), ("deepspeed", 2), ("deepspeed", 3)):
-        make_cfg(tiny_model_dir, backend=backend, zero_stage=stage, offload_idle=True)
+        learner_config(tiny_model_dir, backend=backend, zero_stage=stage, offload_idle=True)
     with pytest.raises(ConfigError, match=r"learner.offload_idle=true .*param_offload=true"):
-        make_cfg(
+        learner_config(
             tiny_model_dir, backend="deepspeed", zero_stage=3, param_offload=True, offload_idle=True
         )

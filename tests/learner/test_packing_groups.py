@@ -43,7 +43,7 @@ def test_packed_generator_steps_equal_single_process(ray_session, tiny_model_dir
     gen = torch.Generator().manual_seed(0)
     adv = torch.randn(len(batch), generator=gen)
     noise = 0.3 * torch.randn(batch.input_ids.shape, generator=gen) * batch.response_mask
-    cfg = lh.make_cfg(
+    cfg = lh.learner_config(
         tiny_model_dir, generator_ranks=2, max_tokens_per_micro_batch=BUDGET, packing=True
     )
     group = GeneratorGroup(cfg)

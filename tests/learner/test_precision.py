@@ -16,28 +16,27 @@ from gad_ray.config.schema import RolloutConfig
 from gad_ray.discriminator.learner import DiscriminatorGroup
 from gad_ray.learner import GeneratorGroup
 from gad_ray.rollout.hf_worker import HFRolloutWorker
-from gad_ray.validate import validate_config
+from tests.config_builder import make_config
 from tests.learner.conftest import ReferenceTrainer, make_token_batch
 
 LR = 1e-6
 
 
 def bf16_cfg(model_dir, backend: str, dtype: str = "bfloat16", **learner):
-    raw = {
-        "model": {
-            "student": {"path": str(model_dir), "dtype": dtype},
-            "discriminator": {"dtype": dtype},
-        },
-        "algorithm": {
+    optim = {"lr": LR, "grad_clip": None, "weight_decay": 0.0}
+    return make_config(
+        hydra=False,
+        model__student={"path": str(model_dir), "dtype": dtype},
+        model__discriminator__dtype=dtype,
+        algorithm={
             "name": "gad",
             "grpo": {"n_samples": 2},
-            "generator_optim": {"lr": LR, "grad_clip": None, "weight_decay": 0.0},
-            "discriminator_optim": {"lr": LR, "grad_clip": None, "weight_decay": 0.0},
+            "generator_optim": optim,
+            "discriminator_optim": optim,
         },
-        "data": {"train_path": "unused.jsonl", "prompts_per_step": 4},
-        "learner": {"backend": backend, "micro_batch_size": 2, **learner},
-    }
-    return validate_config(raw, check_model_context=False)
+        data={"train_path": "unused.jsonl", "prompts_per_step": 4},
+        learner={"backend": backend, "micro_batch_size": 2, **learner},
+    )
 
 
 def deltas(after: dict, before: dict) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from gad_ray.data.batch import concat_batches, make_batch
 from gad_ray.learner import GeneratorGroup
 from gad_ray.learner.proxy import ProxyGroup, proxy_view
 from gad_ray.models.tiny import build_tokenizer, model_config
-from gad_ray.validate import validate_config
+from tests.config_builder import make_config
 
 BETA, ALPHA, K = 0.5, 2.0, 5
 
@@ -36,9 +36,10 @@ def build_proxy(out: Path, layers: int = 3) -> Path:
 
 def make_cfg(student: Path, proxy: Path):
     optim = {"lr": 1e-3, "eps": 1e-6, "grad_clip": 1.0}
-    raw = {
-        "model": {"student": {"path": str(student)}},
-        "algorithm": {
+    return make_config(
+        hydra=False,
+        model__student__path=str(student),
+        algorithm={
             "name": "proxy_kd",
             "generator_optim": optim,
             "proxy_kd": {
@@ -50,10 +51,9 @@ def make_cfg(student: Path, proxy: Path):
                 "proxy_optim": optim,
             },
         },
-        "data": {"train_path": "unused.jsonl", "max_prompt_length": 10, "max_response_length": 12},
-        "learner": {"generator_ranks": 2, "micro_batch_size": 2, "max_tokens_per_micro_batch": 24},
-    }
-    return validate_config(raw, check_model_context=False)
+        data={"train_path": "unused.jsonl", "max_prompt_length": 10, "max_response_length": 12},
+        learner={"generator_ranks": 2, "micro_batch_size": 2, "max_tokens_per_micro_batch": 24},
+    )
 
 
 def seq_logps(model, batch, lh) -> torch.Tensor:

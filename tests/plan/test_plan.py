@@ -25,7 +25,7 @@ def _totals(plan, gpu: int = 0) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_every_experiment_preset_validates_and_plans_on_its_declared_cluster(name):
+def test_every_experiment_preset_validates_and_plans_on_its_declared_cluster(name, no_ray):
     cfg = compose([f"experiment={name}"])
     plan = make_plan(cfg)
     assert plan.problems == []
@@ -129,7 +129,7 @@ def test_qwen25_05b_without_offload_matches_a_hand_computation():
     assert plan.problems == []
 
 
-def test_a_gpu_out_of_memory_names_the_knobs_and_stops_the_driver():
+def test_a_gpu_out_of_memory_names_the_knobs_and_stops_the_driver(no_ray):
     cfg = compose(["experiment=qwen2.5-7b_gpt5chat", "learner.offload_idle=false"])
     plan = make_plan(cfg)
     assert len(plan.problems) == 1

@@ -6,28 +6,28 @@ import ray
 from gad_ray.config.schema import Config
 from gad_ray.models.loading import load_causal_lm
 from gad_ray.rollout import RolloutGroup, SamplingParams, send_weights
+from tests.config_builder import make_config
 
 from .helpers import perturbed
 
 PROMPTS = [[5] * 20, [6, 7], [8, 9, 10], [11] * 12, [12], [13, 14, 15, 16]]
 
 
-def make_config(model_dir, **rollout) -> Config:
-    return Config(
-        model={"student": {"path": str(model_dir), "max_context": 64}},
-        algorithm={"name": "seqkd"},
-        data={"train_path": "unused.jsonl"},
+def rollout_cfg(model_dir, **rollout) -> Config:
+    return make_config(
+        hydra=False,
+        model__student={"path": str(model_dir), "max_context": 64},
+        algorithm__name="seqkd",
+        data__train_path="unused.jsonl",
         rollout={"max_num_seqs": 32, **rollout},
     )
 
 
 @pytest.fixture(scope="module")
-def group(tiny_model_dir):
-    ray.init(num_cpus=4, include_dashboard=False)
-    g = RolloutGroup(make_config(tiny_model_dir, num_workers=2), str(tiny_model_dir))
+def group(ray_session, tiny_model_dir):
+    g = RolloutGroup(rollout_cfg(tiny_model_dir, num_workers=2), str(tiny_model_dir))
     yield g
     g.shutdown()
-    ray.shutdown()
 
 
 def test_group_returns_prompt_major_in_prompt_order(group):
@@ -63,8 +63,8 @@ def test_group_weight_sync_and_sleep(group, tiny_model_dir):
     assert [r["supported"] for r in group.wake_up()] == [False, False]
 
 
-def test_hf_backend_group(tiny_model_dir):
-    g = RolloutGroup(make_config(tiny_model_dir, backend="hf"), str(tiny_model_dir))
+def test_hf_backend_group(ray_session, tiny_model_dir):
+    g = RolloutGroup(rollout_cfg(tiny_model_dir, backend="hf"), str(tiny_model_dir))
     try:
         assert g.info[0]["backend"] == "hf"
         samples = g.generate(PROMPTS[:2], SamplingParams(2, 1.0, 1.0, 5), seed=0)

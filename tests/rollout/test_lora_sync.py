@@ -17,7 +17,7 @@ from gad_ray.rollout.hf_worker import HFRolloutWorker
 from gad_ray.rollout.types import SamplingParams
 from gad_ray.rollout.vllm_worker import RolloutWorker
 from gad_ray.rollout.weight_sync import send_weights
-from gad_ray.validate import validate_config
+from tests.config_builder import make_config
 from tests.learner.conftest import make_token_batch
 from tests.learner.test_lora import lora_cfg
 
@@ -26,11 +26,9 @@ PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [100, 200]]
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    raw = lora_cfg(tiny_model_dir).model_dump()
-    raw["algorithm"]["generator_optim"]["lr"] = 1e-2  # a few steps change greedy outputs
-    cfg = validate_config(raw, check_model_context=False)
+def setup(ray_session, tiny_model_dir):
+    # lr 1e-2: a few steps change greedy outputs
+    cfg = make_config(base=lora_cfg(tiny_model_dir), algorithm__generator_optim__lr=1e-2)
     rank = cfg.model.student.lora.rank
     path = str(tiny_model_dir)
     vllm = (
@@ -47,7 +45,8 @@ def setup(tiny_model_dir):
     ray.get([vllm.health.remote(), hf.health.remote()])
     yield group, {"vllm": vllm, "hf": hf}
     group.shutdown()
-    ray.shutdown()
+    ray.kill(vllm)
+    ray.kill(hf)
 
 
 def greedy(worker, max_tokens: int = 10) -> list[list[int]]:

@@ -49,9 +49,8 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def workers(model_dir):
+def workers(ray_session, model_dir):
     """One actor of each backend on the model above."""
-    ray.init(num_cpus=4, include_dashboard=False)
     handles = {}
     for name in ("vllm", "hf"):
         actor = ray.remote(backend_class(name)).options(
@@ -61,7 +60,8 @@ def workers(model_dir):
         handles[name] = actor.remote(str(model_dir), cfg, "auto", MAX_LEN, 0)
     ray.get([h.health.remote() for h in handles.values()])
     yield handles
-    ray.shutdown()
+    for h in handles.values():
+        ray.kill(h)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ learner's recomputation: for Qwen2 with tied embeddings (``tiny``, the driver te
 with a separate lm_head (``small``), and for the Llama layout (``tiny-llama``, tied)."""
 
 import pytest
-import ray
 import torch
 
 from gad_ray.config.schema import Config
@@ -13,22 +12,17 @@ from gad_ray.learner.generator import GeneratorGroup
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
 from gad_ray.rollout.group import RolloutGroup
 from gad_ray.rollout.types import Sample, SamplingParams
+from tests.config_builder import make_config
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [100, 200], [42] * 6]
 TARGETS = [[20, 21, 22], [30, 31], [40, 41, 42, 43], [50]]
 MAX_TOKENS = 8
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-def make_config(path: str) -> Config:
-    return Config(
-        model={"student": {"path": path, "max_context": 64}},
+def seqkd_cfg(path: str) -> Config:
+    return make_config(
+        hydra=False,
+        model__student={"path": path, "max_context": 64},
         algorithm={"name": "seqkd", "generator_optim": {"lr": 1e-3}},
         data={"train_path": "unused.jsonl", "max_prompt_length": 32, "max_response_length": 16},
         learner={"generator_ranks": 2, "micro_batch_size": 2},
@@ -55,10 +49,10 @@ def max_gap(samples: list[Sample], learner: list[torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize("spec", ["tiny:tiny", "tiny:small", "tiny:tiny-llama"])
-def test_trained_weights_reach_vllm(ray_local, spec):
+def test_trained_weights_reach_vllm(ray_session, spec):
     path = resolve_model_path(spec)
     pad_id = load_tokenizer(path).pad_token_id
-    cfg = make_config(path)
+    cfg = seqkd_cfg(path)
     generator = GeneratorGroup(cfg, path, total_steps=1)
     rollout = RolloutGroup(cfg, path)
     try:

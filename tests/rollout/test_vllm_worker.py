@@ -17,13 +17,12 @@ PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [100, 200]]
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_model_dir):
-    ray.init(num_cpus=4, include_dashboard=False)
+def worker(ray_session, tiny_model_dir):
     actor = ray.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": VLLM_CPU_ENV})
     handle = actor.remote(str(tiny_model_dir), RolloutConfig(max_num_seqs=32), "auto", MAX_LEN, 0)
     ray.get(handle.health.remote())
     yield handle
-    ray.shutdown()
+    ray.kill(handle)
 
 
 def gen(worker, prompts=PROMPTS, n=1, temperature=0.0, max_tokens=8, seed=None):

@@ -29,8 +29,7 @@ from .helpers import perturbed
 
 
 @pytest.fixture(scope="module")
-def workers(tiny_model_dir):
-    ray.init(num_cpus=4, include_dashboard=False)
+def workers(ray_session, tiny_model_dir):
     actor = ray.remote(HFRolloutWorker).options(num_cpus=1)
     handles = [
         actor.remote(str(tiny_model_dir), RolloutConfig(backend="hf"), "auto", 64, 0)
@@ -38,7 +37,8 @@ def workers(tiny_model_dir):
     ]
     ray.get([h.health.remote() for h in handles])
     yield handles
-    ray.shutdown()
+    for h in handles:
+        ray.kill(h)
 
 
 def test_pack_unpack_roundtrip_mixed_dtypes():

@@ -246,8 +246,9 @@ def test_unreachable_endpoint_fails_fast(tmp_path):
     assert time.monotonic() - t0 < 5 and SECRET not in repr(err.value)
 
 
-def test_ray_actor_prefetches_batches_ahead_of_training(tmp_path):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def test_ray_actor_prefetches_batches_ahead_of_training(tmp_path, own_ray):
+    # a Ray of its own: the actor inherits the key this module's api_key fixture sets
+    own_ray(num_cpus=2, log_to_driver=False)
     try:
         with start_server_thread(latency_ms=50) as server:
             api = _api(server, tmp_path, concurrency=8)

@@ -105,8 +105,11 @@ def test_a_cache_written_before_sample_indices_serves_first_occurrences(tmp_path
     assert check(FRUIT, texts[1]).valid and check(FRUIT, texts[3]).valid
 
 
-def test_teacher_data_samples_follow_file_order_across_epochs_and_resume(tmp_path, monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "sk-test")  # before ray.init: the fetcher actor inherits it
+def test_teacher_data_samples_follow_file_order_across_epochs_and_resume(
+    tmp_path, monkeypatch, own_ray
+):
+    # a Ray of its own, started after this: the fetcher actor inherits the key
+    monkeypatch.setenv(KEY_ENV, "sk-test")
     others = [f"Sort the numbers: {i} 1" for i in range(4)]
     prompts = [FRUIT, others[0], FRUIT, others[1], FRUIT, others[2], FRUIT, others[3]]
     _write(tmp_path / "prompts.jsonl", prompts)
@@ -122,7 +125,7 @@ def test_teacher_data_samples_follow_file_order_across_epochs_and_resume(tmp_pat
         data = TeacherData(cfg, tokenizer, tmp_path / "run")
         samples = {e.id: e.meta["teacher_sample"] for e in data.loader.examples}
         assert samples == {f"r{i}": k for i, k in enumerate([0, 0, 1, 0, 2, 0, 3, 0])}
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        own_ray(num_cpus=2, log_to_driver=False)
         try:
             data.start()
             batches = []
