@@ -6,8 +6,8 @@
 - ``colocated``: all roles share one pool of GPUs (actor i of every role on GPU i), each actor
   taking a fraction of the GPU; vLLM sleeps while the learners train.
 
-Roles are named by the recipes (``gad_ray/recipes/``); :func:`role_size` knows each one's actor
-count. On CPU (``cluster.gpus_per_node == 0``) no pool is made: Ray's local scheduler places the
+Roles are named by the recipes (``gad_ray/recipes/``) and declared in :mod:`gad_ray.role_specs`
+(actor count, colocated share). On CPU (``cluster.gpus_per_node == 0``) no pool is made: Ray's local scheduler places the
 actors, each with its share of the cores.
 """
 
@@ -21,20 +21,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from gad_ray.config.schema import Config, ConfigError
-
-# Fraction of a shared GPU each colocated actor asks Ray for (memory is managed by vLLM's
-# gpu_memory_utilization, sleep mode and learner offload, not by Ray; the fractions only make
-# the roles alive at one time fit: rollout + G + D, proxy + its rollout, or the frozen proxy
-# (or on-policy distillation's frozen teacher) + G + the student's rollout).
-COLOCATED_SHARE = {
-    "rollout": 0.4,
-    "generator": 0.3,
-    "discriminator": 0.3,
-    "proxy": 0.3,
-    "proxy_rollout": 0.4,
-    "proxy_frozen": 0.3,
-    "teacher_model": 0.3,
-}
+from gad_ray.role_specs import spec
 
 
 @dataclass
@@ -58,23 +45,12 @@ class RolePlacement:
 
 def is_rollout(role: str) -> bool:
     """Whether ``role`` is a group of rollout workers (``rollout``, ``proxy_rollout``)."""
-    return role.endswith("rollout")
+    return spec(role).kind == "rollout"
 
 
 def role_size(cfg: Config, role: str) -> tuple[int, int]:
     """(number of actors, GPUs per actor when it has GPUs of its own) of ``role``."""
-    if is_rollout(role):
-        return cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size
-    ranks = {
-        "generator": cfg.learner.generator_ranks,
-        "discriminator": cfg.learner.discriminator_ranks,
-        "proxy": cfg.algorithm.proxy_kd.ranks,
-        "proxy_frozen": cfg.algorithm.proxy_kd.ranks,
-        "teacher_model": cfg.algorithm.opd.ranks,
-    }
-    if role not in ranks:
-        raise ValueError(f"unknown role {role!r}; known: {sorted(ranks)} and *rollout")
-    return ranks[role], 1
+    return spec(role).size(cfg)
 
 
 def role_sizes(cfg: Config, roles: tuple[str, ...]) -> dict[str, tuple[int, int]]:
@@ -126,7 +102,8 @@ def pool(cfg: Config, roles: tuple[str, ...], cpus_per_actor: float = 1.0) -> Po
         raise ConfigError(_too_many(cfg, sizes, size, total_gpus))
     bundles = [{"GPU": 1, "CPU": cpus_per_actor * len(sizes)} for _ in range(size)]
     return Pool(
-        bundles, {role: (COLOCATED_SHARE[role], list(range(n))) for role, (n, _) in sizes.items()}
+        bundles,
+        {role: (spec(role).colocated_share, list(range(n))) for role, (n, _) in sizes.items()},
     )
 
 

@@ -23,6 +23,7 @@ MAX_LINES = 500
 # packages of LOWER layers (docs/architecture.md#layers). Same layer: no imports either way.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("algorithms", "config", "futures", "memory"),  # torch-only losses; the schema; utilities
+    ("role_specs",),  # the role registry: every role's kind, size, share, factory, checks
     ("data", "models", "placement", "run_dir"),  # batches, models/LoRA files, pools, run dir
     ("rollout",),  # vLLM / HF workers, weight sync (receivers)
     ("learner",),  # learner infrastructure, engines, LoRA stacks, G and the Proxy-KD proxy

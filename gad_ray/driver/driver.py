@@ -36,10 +36,8 @@ from gad_ray.export.convert import export_dir
 from gad_ray.models.loading import load_tokenizer, resolve_model_path
 from gad_ray.plan import check_fits
 from gad_ray.recipes.stages import Stage, StepInput, prefix
+from gad_ray.role_specs import spec
 from gad_ray.teacher.fetcher import TeacherError
-
-# metric prefix and timer phase of each learner role's update
-PREFIXES = {"generator": "g", "discriminator": "d", "proxy": "proxy"}
 
 
 class TrainingAborted(RuntimeError):
@@ -280,10 +278,11 @@ class Driver:
             results = {r: timed(fn, self.roles[r]) for r, fn in calls.items()}
         out: dict[str, Any] = {}
         for role, (metrics, seconds) in results.items():
-            phase = f"{PREFIXES[role]}_update"
+            p = spec(role).metric_prefix  # and the timer phase's
+            phase = f"{p}_update"
             self.times[phase] = seconds
             self.sampler.updated(role)
-            out |= prefix(PREFIXES[role] + "_", metrics)
+            out |= prefix(p + "_", metrics)
             self.note_memory(role, phase)
             if self.cfg.learner.offload_idle:  # colocated: wait on CPU while other roles run
                 self.roles[role].offload()

@@ -34,6 +34,7 @@ from gad_ray.placement import (
     release,
     role_size,
 )
+from gad_ray.role_specs import spec
 
 MIN_FREE_CPUS = 0.01  # fewer free CPUs than this: the cluster is busy (Ray's unit is 1e-4)
 GIB = 1 << 30
@@ -91,14 +92,12 @@ def _actor_gpus(_actor: Any) -> tuple[str, str, list[str]]:
 
 def preflight(cfg: Config, role_sets: list[tuple[str, ...]]) -> None:
     """Before Ray starts: the packages the backends need are installed, the teacher's key is
-    set, every model the roles load resolves and shares the student's tokenizer where it must
-    (D scores, and the proxy teaches, the student's token ids)."""
-    from gad_ray.discriminator.model import check_discriminator_tokenizer, discriminator_source
-    from gad_ray.learner.proxy import check_proxy_tokenizer
+    set, the student resolves, and each role's own check (:mod:`gad_ray.role_specs`: e.g. D
+    and the proxy share the student's tokenizer) passes."""
     from gad_ray.models.loading import model_max_context
     from gad_ray.teacher.fetcher import read_api_key
 
-    roles = {r for rs in role_sets for r in rs}
+    roles = sorted({r for rs in role_sets for r in rs})
     needs = {"learner.backend=deepspeed": (cfg.learner.backend == "deepspeed", "deepspeed")}
     needs["rollout.backend=vllm"] = (cfg.rollout.backend == "vllm", "vllm")
     for key, (used, package) in needs.items():
@@ -110,16 +109,70 @@ def preflight(cfg: Config, role_sets: list[tuple[str, ...]]) -> None:
     if cfg.teacher.source == "api":
         read_api_key(cfg.teacher.api)  # TeacherError naming the variable, never the key
     model_max_context(cfg.model.student.path)
-    if "discriminator" in roles:
-        model_max_context(discriminator_source(cfg))
-        check_discriminator_tokenizer(cfg)
-    if roles & {"proxy", "proxy_rollout"}:
-        model_max_context(cfg.algorithm.proxy_kd.proxy.path)
-        check_proxy_tokenizer(cfg)
-    if "teacher_model" in roles:
-        from gad_ray.recipes.opd import check_teacher_tokenizer
+    checks = {spec(r).preflight for r in roles} - {None}
+    for ref in sorted(checks):  # one call per check, e.g. the proxy's for both its roles
+        resolve(ref)(cfg)
 
-        check_teacher_tokenizer(cfg)
+
+def resolve(ref: str) -> Callable[..., Any]:
+    """The function a registry entry names as ``"module:function"``."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# -- the registry's factories and checks (gad_ray/role_specs.py) ------------------------------
+def check_discriminator(cfg: Config) -> None:
+    from gad_ray.discriminator.model import check_discriminator_tokenizer, discriminator_source
+    from gad_ray.models.loading import model_max_context
+
+    model_max_context(discriminator_source(cfg))
+    check_discriminator_tokenizer(cfg)
+
+
+def check_proxy(cfg: Config) -> None:
+    from gad_ray.learner.proxy import check_proxy_tokenizer
+    from gad_ray.models.loading import model_max_context
+
+    model_max_context(cfg.algorithm.proxy_kd.proxy.path)
+    check_proxy_tokenizer(cfg)
+
+
+def build_rollout(cfg: Config, student_path: str, cpus: float, place: Any, **_: Any) -> Any:
+    from gad_ray.rollout.group import RolloutGroup
+
+    return RolloutGroup(cfg, student_path, cpus, place)
+
+
+def build_proxy_rollout(cfg: Config, student_path: str, cpus: float, place: Any, **_: Any) -> Any:
+    from gad_ray.learner.proxy import proxy_view
+    from gad_ray.rollout.group import RolloutGroup
+
+    path = resolve_model_path(cfg.algorithm.proxy_kd.proxy.path)
+    return RolloutGroup(proxy_view(cfg), path, cpus, place)
+
+
+def build_generator(cfg: Config, student_path: str, cpus: float, place: Any, **opts: Any) -> Any:
+    from gad_ray.learner.generator import GeneratorGroup
+
+    return GeneratorGroup(cfg, student_path, cpus_per_rank=cpus, placement=place, **opts)
+
+
+def build_discriminator(
+    cfg: Config, student_path: str, cpus: float, place: Any, **opts: Any
+) -> Any:
+    from gad_ray.discriminator.learner import DiscriminatorGroup
+
+    return DiscriminatorGroup(cfg, cpus_per_rank=cpus, placement=place, **opts)
+
+
+def build_proxy(
+    cfg: Config, student_path: str, cpus: float, place: Any, path: str | None = None, **opts: Any
+) -> Any:
+    """The proxy being aligned, or (``path``: its export) frozen for the student's stage."""
+    from gad_ray.learner.proxy import ProxyGroup
+
+    path = path or resolve_model_path(cfg.algorithm.proxy_kd.proxy.path)
+    return ProxyGroup(cfg, path, cpus_per_rank=cpus, placement=place, **opts)
 
 
 SHARED_ROLES = {"generator", "discriminator"}  # one group with learner.shared_base
@@ -257,39 +310,16 @@ class Roles:
         """Start the group of role ``name`` with the recipe's options for it; with
         ``learner.shared_base`` and both G and D among the ``alive`` roles, the one group that
         serves both (built with G's options, in G's place)."""
-        from gad_ray.discriminator.learner import DiscriminatorGroup
         from gad_ray.discriminator.shared import SharedGroup
-        from gad_ray.learner.generator import GeneratorGroup
 
         if name in SHARED_ROLES and SHARED_ROLES <= set(alive) and self.cfg.learner.shared_base:
             name = "generator"
             cfg, opts, place = self.cfg, dict(self.options.get(name, {})), self.places.get(name)
             cpus = cpus_per_actor(cfg, name, self.role_sets) * self.cpu_scale
             return SharedGroup(cfg, self.student_path, cpus_per_rank=cpus, placement=place, **opts)
-        from gad_ray.learner.proxy import ProxyGroup, proxy_view
-        from gad_ray.rollout.group import RolloutGroup
-
-        cfg, opts, place = self.cfg, dict(self.options.get(name, {})), self.places.get(name)
-        cpus = cpus_per_actor(cfg, name, self.role_sets) * self.cpu_scale
-        proxy_path = lambda: resolve_model_path(cfg.algorithm.proxy_kd.proxy.path)  # noqa: E731
-        if name == "rollout":
-            return RolloutGroup(cfg, self.student_path, cpus, place)
-        if name == "proxy_rollout":
-            return RolloutGroup(proxy_view(cfg), proxy_path(), cpus, place)
-        if name == "generator":
-            return GeneratorGroup(
-                cfg, self.student_path, cpus_per_rank=cpus, placement=place, **opts
-            )
-        if name == "discriminator":
-            return DiscriminatorGroup(cfg, cpus_per_rank=cpus, placement=place, **opts)
-        if name == "teacher_model":
-            from gad_ray.recipes.opd import teacher_group
-
-            return teacher_group(cfg, cpus_per_rank=cpus, placement=place, **opts)
-        if name in ("proxy", "proxy_frozen"):
-            path = opts.pop("path", None) or proxy_path()
-            return ProxyGroup(cfg, path, cpus_per_rank=cpus, placement=place, **opts)
-        raise ValueError(f"unknown role {name!r}")
+        opts, place = dict(self.options.get(name, {})), self.places.get(name)
+        cpus = cpus_per_actor(self.cfg, name, self.role_sets) * self.cpu_scale
+        return resolve(spec(name).factory)(self.cfg, self.student_path, cpus, place, **opts)
 
     def shutdown(self, strict: bool = True) -> None:
         """Stop every group; return once their CPUs (CPU-only cluster) or the GPU memory they

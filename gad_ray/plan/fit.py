@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gad_ray.config.schema import Config, ConfigError
+from gad_ray.config.schema import Config, ConfigError, ModelSpec
 from gad_ray.placement import pool
 from gad_ray.plan.host import HOST_PHASES, host_by_node, host_total
 from gad_ray.plan.learners import (
@@ -26,6 +26,7 @@ from gad_ray.plan.learners import (
 )
 from gad_ray.plan.step import Learner
 from gad_ray.plan.units import GiB, gib, ranges
+from gad_ray.role_specs import spec
 from gad_ray.validate import check_config
 
 PROCESS_OVERHEAD = 1.5 * GiB  # per process holding a GPU
@@ -97,17 +98,16 @@ def estimate(cfg: Config) -> tuple[tuple[str, ...], list[GPU]]:
     phases = tuple(p for p in PHASES if p == "generate" or any(lr.phase == p for lr in lrs))
     gpn = cfg.cluster.gpus_per_node
     gpus = [GPU(g, g // gpn) for g in range(gpn * cfg.cluster.num_nodes)]
-    names = {"rollout": "vLLM worker", "generator": "G rank", "discriminator": "D rank"}
-    names |= {"proxy_frozen": "proxy rank", "teacher_model": "teacher rank"}
     for role, actors in layout(cfg).items():
+        label = spec(role).plan_label
         for i, on in enumerate(actors):
             for j, g in enumerate(on):
                 shard = f" (tp shard {j + 1}/{len(on)})" if len(on) > 1 else ""
-                gpus[g].actors.append(f"{names[role]} {i}{shard}")
-                if role == "rollout":
+                gpus[g].actors.append(f"{label} {i}{shard}")
+                if spec(role).kind == "rollout":
                     gpus[g].workers += 1
                 else:
-                    gpus[g].learners.append(names[role][0])
+                    gpus[g].learners.append(label[0])
     r, lc = cfg.rollout, cfg.learner
     share = vllm_bytes(cfg)[0]
     vllm = f"vLLM awake, {r.gpu_memory_utilization} x {cfg.cluster.gpu_memory_gib:g} GiB"
@@ -115,7 +115,9 @@ def estimate(cfg: Config) -> tuple[tuple[str, ...], list[GPU]]:
         vllm = "vLLM awake, weights + rollout.kv_cache_memory_bytes + 2 GiB"
     states = {lr.key: resident(lr, cfg) for lr in lrs}
     peaks = {lr.key: update(lr, cfg) for lr in lrs}
-    frozen = teacher_resident(cfg) if "teacher_model" in layout(cfg) else {}
+    # a forward-only model the registry asks the plan to count (on-policy distillation's teacher)
+    role = next((r for r in layout(cfg) if spec(r).frozen_model is not None), None)
+    frozen = frozen_resident(cfg, role) if role else {}
     if frozen:  # its forward: between sampling and G's update
         phases = (phases[0], TEACHER_PHASE, *phases[1:])
     for gpu in gpus:
@@ -140,7 +142,7 @@ def estimate(cfg: Config) -> tuple[tuple[str, ...], list[GPU]]:
             if "t" in gpu.learners and (phase == TEACHER_PHASE or not lc.offload_idle):
                 terms |= frozen
                 if phase == TEACHER_PHASE:
-                    terms |= teacher_forward(cfg)
+                    terms |= frozen_forward(cfg, role)
             procs += gpu.learners.count("t")
             terms[OVERHEAD] = procs * PROCESS_OVERHEAD
             for label, b in terms.items():
@@ -150,32 +152,38 @@ def estimate(cfg: Config) -> tuple[tuple[str, ...], list[GPU]]:
     return phases, gpus
 
 
-def teacher_resident(cfg: Config) -> dict[str, float]:
-    """A rank of on-policy distillation's frozen teacher (``teacher_model``, docs/algorithms.md
-    §7) between its forwards: the generator learner's weights (fp32 masters, ZeRO's compute
-    copy) without Adam's state, which a learner that never steps does not allocate. With
-    ``learner.offload_idle`` it waits on CPU outside its forward, which no phase here holds."""
-    spec, o, lc = cfg.algorithm.opd.teacher, cfg.algorithm.opd, cfg.learner
-    assert spec is not None  # the recipe's check
-    sh = shape_of(spec.path)
+def frozen_model(cfg: Config, role: str) -> ModelSpec:
+    model = spec(role).frozen_model(cfg)  # type: ignore[misc]
+    assert model is not None, f"{role}: no model (its recipe's check)"
+    return model
+
+
+def frozen_resident(cfg: Config, role: str) -> dict[str, float]:
+    """A rank of a frozen forward-only role (e.g. on-policy distillation's teacher,
+    ``teacher_model``, docs/algorithms.md §7) between its forwards: the generator learner's
+    weights (fp32 masters, ZeRO's compute copy) without Adam's state, which a learner that never
+    steps does not allocate. With ``learner.offload_idle`` it waits on CPU outside its forward,
+    which no phase here holds."""
+    model, lc = frozen_model(cfg, role), cfg.learner
+    sh, ranks = shape_of(model.path), spec(role).size(cfg)[0]
     backend = "fsdp" if lc.backend == "fsdp" else f"zero{lc.zero_stage}"
     lr = Learner(
-        "T", "sft", o.ranks, sh.params, sh.params, sh.root_params, sh, compute_bytes(spec), False,
+        "T", "sft", ranks, sh.params, sh.params, sh.root_params, sh, compute_bytes(model), False,
         backend=backend,
     )  # fmt: skip
+    name = spec(role).plan_label.removesuffix(" rank")
     states = resident(lr, cfg)
     return {
-        k.replace("T ", "T frozen teacher ", 1): b for k, b in states.items() if "Adam" not in k
+        k.replace("T ", f"T frozen {name} ", 1): b for k, b in states.items() if "Adam" not in k
     }
 
 
-def teacher_forward(cfg: Config) -> dict[str, float]:
-    """The frozen teacher's no-grad forward of the worst micro batch: its logits in the compute
+def frozen_forward(cfg: Config, role: str) -> dict[str, float]:
+    """The frozen model's no-grad forward of the worst micro batch: its logits in the compute
     dtype and their fp32 log-softmax, ``tokens x vocab x (c + 4)`` (the layers' activations are
     freed as it goes)."""
-    spec = cfg.algorithm.opd.teacher
-    assert spec is not None
-    t, vocab, c = worst_micro_batch(cfg).tokens, shape_of(spec.path).vocab, compute_bytes(spec)
+    model = frozen_model(cfg, role)
+    t, vocab, c = worst_micro_batch(cfg).tokens, shape_of(model.path).vocab, compute_bytes(model)
     return {f"T forward logits, {int(t)} tokens x {vocab} x ({c} + 4) B": t * vocab * (c + 4)}
 
 

@@ -71,16 +71,16 @@ def check_teacher_tokenizer(cfg: Config) -> None:
     )
 
 
-def teacher_group(cfg: Config, **kwargs: Any) -> Any:
-    """The ``teacher_model`` role: ``algorithm.opd.ranks`` generator ranks holding the teacher,
-    used only for ``compute_logprobs`` (no reference; its optimizer never steps). ``kwargs``:
-    the learner group's placement and CPUs."""
+def teacher_group(cfg: Config, student_path: str, cpus: float, place: Any, **_: Any) -> Any:
+    """The ``teacher_model`` role (its entry in :mod:`gad_ray.role_specs`): ``algorithm.opd.
+    ranks`` generator ranks holding the teacher, used only for ``compute_logprobs`` (no
+    reference; its optimizer never steps)."""
     from gad_ray.learner.generator import GeneratorGroup
 
     check_teacher_tokenizer(cfg)
     view = teacher_view(cfg)
     path = resolve_model_path(view.model.student.path)
-    group = GeneratorGroup(view, path, with_reference=False, **kwargs)
+    group = GeneratorGroup(view, path, with_reference=False, cpus_per_rank=cpus, placement=place)
     group.role = TEACHER  # its errors name the role
     return group
 
