@@ -88,5 +88,5 @@ def test_build_saves_a_loadable_model_and_its_competence(tmp_path) -> None:
 
 
 def test_unknown_synthetic_spec_is_a_clear_error(tmp_path) -> None:
-    with pytest.raises(ModelLoadError, match="'synthetic:teacher': unknown"):
-        resolve_model_path("synthetic:teacher", cache_dir=str(tmp_path))
+    with pytest.raises(ModelLoadError, match="'synthetic:nope': unknown"):
+        resolve_model_path("synthetic:nope", cache_dir=str(tmp_path))
