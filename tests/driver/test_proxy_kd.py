@@ -93,7 +93,7 @@ def test_tokenizer_mismatch_is_a_clear_error(models, tmp_path):
     cfg = compose(overrides(tmp_path / "run", (models[0], other)))
     with pytest.raises(
         ModelLoadError,
-        match=r"student \(model.student.path='.*student0'\) and "
+        match=r"student \(model.student.path='.*student\d*'\) and "
         r"proxy \(algorithm.proxy_kd.proxy.path=.*other'\) tokenizers differ",
     ):
         Driver(cfg)
