@@ -99,15 +99,7 @@ def make_batch(
         p = prompt_ids(tok, prompt)
         a = tok(student_answer(prompt, rng), add_special_tokens=False)["input_ids"]
         rows.append((p + a + [tok.eos_token_id], len(p)))
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((n, width), tok.pad_token_id)
-    labels = torch.full((n, width), -100)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (row, plen) in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        labels[i, plen : len(row)] = torch.tensor(row[plen:])
-        mask[i, : len(row)] = 1
-    return ids, labels, mask
+    return sft_batch(rows, tok.pad_token_id)
 
 
 @torch.no_grad()
@@ -165,6 +157,22 @@ def testbed_scores(model, tok, n: int = 32, seed: int = 0) -> dict[str, dict[str
             "framed": sum(v.framed for v in verdicts) / len(verdicts),
         }
     return out
+
+
+def sft_batch(
+    rows: list[tuple[list[int], int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, labels, mask) of (token ids, prompt length) rows, right-padded; labels are -100
+    except on the answer and its EOS."""
+    n, width = len(rows), max(len(ids) for ids, _ in rows)
+    ids = torch.full((n, width), pad_id)
+    labels = torch.full((n, width), -100)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (row, plen) in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, plen : len(row)] = torch.tensor(row[plen:])
+        mask[i, : len(row)] = 1
+    return ids, labels, mask
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:

@@ -36,6 +36,7 @@ from gad_ray.synthetic.student import (
     cached_student,
     lr_at,
     prompt_ids,
+    sft_batch,
 )
 from gad_ray.synthetic.tasks import make_prompt, teacher_answer
 
@@ -54,15 +55,7 @@ def teacher_batch(
         p = prompt_ids(tok, prompt)
         a = tok(teacher_answer(prompt, rng, 1.0, "framed"), add_special_tokens=False)["input_ids"]
         rows.append((p + a + [tok.eos_token_id], len(p)))
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((n, width), tok.pad_token_id)
-    labels = torch.full((n, width), -100)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (row, plen) in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        labels[i, plen : len(row)] = torch.tensor(row[plen:])
-        mask[i, : len(row)] = 1
-    return ids, labels, mask
+    return sft_batch(rows, tok.pad_token_id)
 
 
 def build_teacher(
